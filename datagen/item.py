@@ -1,0 +1,66 @@
+"""The record that flows through the stages: one source item on its way to a layered sample."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Detection:
+    """One foreground candidate: a box from grounding, then a mask from segmentation."""
+
+    phrase: str
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
+    score: float
+    mask: np.ndarray | None = None  # uint8 (H, W), 255 inside; set by the segment stage
+    caption: str = ""  # per-layer caption; set by the caption stage or assemble
+    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific numbers for the json
+
+
+@dataclass
+class Item:
+    """A source item and everything the stages have learnt about it.
+
+    ``source`` is the descriptor the decode stage reads from (see ``datagen.sources``);
+    ``rejected`` is ``{"stage", "reason"}`` once any stage gives up on the item. Rejected
+    items keep flowing to the writer so it can account for every item of a shard.
+    """
+
+    key: str
+    shard: int
+    index: int  # position within the shard
+    uri: str
+    source: dict[str, Any]
+    sha256: str = ""
+    image: np.ndarray | None = None  # uint8 (H, W, 3), normalised
+    caption: str = ""
+    source_meta: dict[str, Any] = field(default_factory=dict)
+    phrases: list[str] = field(default_factory=list)
+    detections: list[Detection] = field(default_factory=list)
+    background: np.ndarray | None = None  # uint8 (H, W, 3), foregrounds removed
+    background_caption: str = ""
+    sample: Any = None  # datagen.format.LayerSample once assembled
+    quality: dict[str, Any] = field(default_factory=dict)
+    rejected: dict[str, str] | None = None
+
+    def reject(self, stage: str, reason: str) -> None:
+        """Mark the item rejected by ``stage`` (the first rejection wins) and drop its pixels."""
+        if self.rejected is None:
+            self.rejected = {"stage": stage, "reason": reason[:500]}
+        self.image = self.background = self.sample = None
+        self.detections = []
+
+    @property
+    def ok(self) -> bool:
+        return self.rejected is None
+
+    def to_bytes(self) -> bytes:
+        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @staticmethod
+    def from_bytes(data: bytes) -> Item:
+        return pickle.loads(data)

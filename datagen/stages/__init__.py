@@ -1,0 +1,1 @@
+"""Stage backends. Each module registers its classes in ``datagen.registry``."""
