@@ -18,6 +18,7 @@ class Detection:
     score: float
     mask: np.ndarray | None = None  # uint8 (H, W), 255 inside; set by the segment stage
     caption: str = ""  # per-layer caption; set by the caption stage or assemble
+    pixels: np.ndarray | None = None  # uint8 (H, W, 3) layer colours when known (true layers)
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific numbers for the json
 
 
@@ -44,14 +45,15 @@ class Item:
     background: np.ndarray | None = None  # uint8 (H, W, 3), foregrounds removed
     background_caption: str = ""
     sample: Any = None  # datagen.format.LayerSample once assembled
-    quality: dict[str, Any] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)  # numbers for the sample json
+    truth: Any = None  # generated scenes: the true layers (datagen.scenes.Scene)
     rejected: dict[str, str] | None = None
 
     def reject(self, stage: str, reason: str) -> None:
         """Mark the item rejected by ``stage`` (the first rejection wins) and drop its pixels."""
         if self.rejected is None:
             self.rejected = {"stage": stage, "reason": reason[:500]}
-        self.image = self.background = self.sample = None
+        self.image = self.background = self.sample = self.truth = None
         self.detections = []
 
     @property

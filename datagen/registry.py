@@ -18,6 +18,7 @@ _BACKEND_MODULES = (
     "datagen.stages.decode",
     "datagen.stages.classical",
     "datagen.stages.assemble",
+    "datagen.stages.truth",
     "datagen.stages.models",
 )
 

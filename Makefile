@@ -1,0 +1,60 @@
+# LayerDiff: layered dataset construction and model. `make help` lists the targets.
+# Every target depends on `setup`, which builds .venv from the committed pins once.
+
+PYTHON_BOOT ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+SHARDS ?= 2
+SOURCE ?=
+SOURCE_PATH ?=
+OUT ?=
+ifeq ($(SOURCE),synthetic-gt)
+PIPELINE ?= pipelines/synthetic-gt.yaml
+else
+PIPELINE ?= pipelines/default.yaml
+endif
+ENGINE ?= ray
+PYTEST_ARGS ?=
+
+DATASET_ARGS = --config $(PIPELINE) --shards $(SHARDS) --engine $(ENGINE) \
+	$(if $(SOURCE),--source $(SOURCE)) $(if $(SOURCE_PATH),--source-path $(SOURCE_PATH)) \
+	$(if $(OUT),--out $(OUT))
+DATA_OUT = $(if $(OUT),$(OUT),data)
+
+.PHONY: help setup dataset test lint summary validate preview clean-data
+
+help:
+	@echo "make dataset SHARDS=N [SOURCE=demo|folder|tars|synthetic-gt|<dir>|<tar pattern>] [OUT=dir] [PIPELINE=pipelines/x.yaml]"
+	@echo "make test | lint | summary | validate | preview [OUT=dir]"
+
+# Idempotent: reinstalls only when the pins change.
+$(STAMP): requirements.txt constraints.txt
+	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+dataset: setup
+	$(PY) -m datagen run $(DATASET_ARGS)
+
+summary: setup
+	$(PY) -m manifests summary $(DATA_OUT)
+
+validate: setup
+	$(PY) -m manifests validate $(DATA_OUT)
+
+preview: setup
+	$(PY) -m manifests preview $(DATA_OUT) -n 8 -o $(DATA_OUT)/preview.png
+	@echo "wrote $(DATA_OUT)/preview.png"
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+
+clean-data:
+	rm -rf data data-synthetic
