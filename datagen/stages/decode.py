@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +49,8 @@ class PilDecoder(Stage):
                 item.reject(self.stage, str(err))
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
                     Image.DecompressionBombWarning, EOFError) as err:
-                item.reject(self.stage, f"not a readable image: {type(err).__name__}: {err}")
+                detail = re.sub(r"\s*<[^>]*>", "", str(err))  # drop object reprs with addresses
+                item.reject(self.stage, f"not a readable image: {type(err).__name__}: {detail}")
 
     def _decode(self, item: Item, raw: RawItem) -> None:
         p: DecodeParams = self.params
