@@ -1,0 +1,1 @@
+"""Pipeline definitions (YAML) and the Ray job entry point (``python -m pipelines.ray_job``)."""
