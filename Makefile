@@ -58,3 +58,7 @@ lint: setup
 
 clean-data:
 	rm -rf data data-synthetic
+
+.PHONY: bench-pipeline
+bench-pipeline: setup
+	$(PY) -m datagen.bench

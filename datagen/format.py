@@ -9,10 +9,12 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
-from collections.abc import Mapping, Sequence
+import tarfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image
@@ -35,7 +37,7 @@ def compose_layers(background: Any, foregrounds: Sequence[Any], alphas: Sequence
     if len(foregrounds) != len(alphas):
         raise ValueError(f"{len(foregrounds)} foregrounds but {len(alphas)} alphas")
     out = background
-    for fg, alpha in zip(foregrounds, alphas):
+    for fg, alpha in zip(foregrounds, alphas, strict=False):
         out = alpha * fg + (1 - alpha) * out
     return out
 
@@ -116,7 +118,7 @@ class LayerSample:
             "image.png": encode_png(self.image),
             "bg.png": encode_png(self.background),
         }
-        for n, (fg, mask) in enumerate(zip(self.foregrounds, self.masks)):
+        for n, (fg, mask) in enumerate(zip(self.foregrounds, self.masks, strict=False)):
             members[f"fg.{n}.png"] = encode_png(fg)
             members[f"mask.{n}.png"] = encode_png(mask)
         members["txt"] = self.caption.encode("utf-8")
@@ -168,7 +170,7 @@ def check_sample(sample: LayerSample, max_layers: int | None = None,
         extra = set(members) - set(member_suffixes(sample.num_layers))
         if extra:
             problems.append(f"unexpected members {sorted(extra)}")
-    for n, (fg, mask) in enumerate(zip(sample.foregrounds, sample.masks)):
+    for n, (fg, mask) in enumerate(zip(sample.foregrounds, sample.masks, strict=False)):
         if fg.shape != sample.image.shape:
             problems.append(f"fg.{n} shape {fg.shape} != image {sample.image.shape}")
             continue
@@ -212,3 +214,58 @@ def split_member_name(name: str) -> tuple[str, str]:
         raise ValueError(f"member {name!r} has no suffix")
     key, suffix = base.split(".", 1)
     return (name[: len(name) - len(base)] + key), suffix
+
+
+@dataclass
+class TarSample:
+    """One sample's members as read from a shard (suffix -> bytes) and its grouping problems.
+
+    ``key`` is empty for an entry that belongs to no sample (a directory, a name without a
+    suffix); such a group has no members and one problem naming the entry.
+    """
+
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def iter_tar_samples(source: str | os.PathLike[str] | IO[bytes]) -> Iterator[TarSample]:
+    """Stream a shard's samples in tar order, one group per run of members sharing a key.
+
+    Layout problems never raise; they are reported in the groups' ``problems``: a key whose
+    members are not contiguous (the key is yielded again, flagged, each time it reappears), a
+    member repeated within a sample (the first copy is kept), an entry that is not a regular
+    file or has no suffix. A damaged tar raises ``tarfile.TarError`` (or ``OSError``).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        tar = tarfile.open(source, mode="r|")
+    else:
+        tar = tarfile.open(fileobj=source, mode="r|")
+    seen: set[str] = set()
+    current: TarSample | None = None
+    with tar:
+        for info in tar:
+            if not info.isfile():
+                yield TarSample("", {}, [f"tar entry {info.name!r} is not a regular file"])
+                continue
+            try:
+                key, suffix = split_member_name(info.name)
+            except ValueError as err:
+                yield TarSample("", {}, [str(err)])
+                continue
+            handle = tar.extractfile(info)
+            data = handle.read() if handle is not None else b""
+            if current is None or key != current.key:
+                if current is not None:
+                    yield current
+                current = TarSample(key)
+                if key in seen:
+                    current.problems.append(
+                        f"members of {key} are not contiguous (the key reappears after other samples)")
+                seen.add(key)
+            if suffix in current.members:
+                current.problems.append(f"duplicate member {info.name}")
+            else:
+                current.members[suffix] = data
+    if current is not None:
+        yield current

@@ -44,7 +44,8 @@ class Item:
     detections: list[Detection] = field(default_factory=list)
     background: np.ndarray | None = None  # uint8 (H, W, 3), foregrounds removed
     background_caption: str = ""
-    sample: Any = None  # datagen.format.LayerSample once assembled
+    members: dict[str, bytes] | None = None  # the encoded sample (suffix -> bytes) once assembled
+    num_layers: int = 0
     quality: dict[str, Any] = field(default_factory=dict)  # numbers for the sample json
     truth: Any = None  # generated scenes: the true layers (datagen.scenes.Scene)
     rejected: dict[str, str] | None = None
@@ -53,7 +54,7 @@ class Item:
         """Mark the item rejected by ``stage`` (the first rejection wins) and drop its pixels."""
         if self.rejected is None:
             self.rejected = {"stage": stage, "reason": reason[:500]}
-        self.image = self.background = self.sample = self.truth = None
+        self.image = self.background = self.members = self.truth = None
         self.detections = []
 
     @property

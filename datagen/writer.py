@@ -73,7 +73,7 @@ def write_shard(out: Path, shard: int, items: list[Item], config_sha256: str,
                 stages: dict[str, Any], seconds: float) -> dict[str, Any]:
     """Write shard ``shard`` from its items (accepted and rejected, any order) and its manifest."""
     items = sorted(items, key=lambda it: it.index)
-    accepted = [it for it in items if it.ok and it.sample is not None]
+    accepted = [it for it in items if it.ok and it.members is not None]
     final = tar_path(out, shard)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
@@ -81,7 +81,7 @@ def write_shard(out: Path, shard: int, items: list[Item], config_sha256: str,
             hashing = _HashingFile(raw)
             with tarfile.open(fileobj=hashing, mode="w", format=tarfile.USTAR_FORMAT) as tf:
                 for it in accepted:
-                    for suffix, data in it.sample.to_members().items():
+                    for suffix, data in it.members.items():
                         info = tarfile.TarInfo(f"{it.key}.{suffix}")
                         info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
                         tf.addfile(info, io.BytesIO(data))
@@ -90,7 +90,7 @@ def write_shard(out: Path, shard: int, items: list[Item], config_sha256: str,
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
-    layers = Counter(str(it.sample.num_layers) for it in accepted)
+    layers = Counter(str(it.num_layers) for it in accepted)
     manifest = {
         "schema": SHARD_SCHEMA,
         "shard": shard,

@@ -84,7 +84,7 @@ def order_back_to_front(image: np.ndarray, masks: list[np.ndarray], areas: list[
 
 @register
 class LayerAssembler(Stage):
-    """Turns the stage outputs into the stored sample (``item.sample``)."""
+    """Turns the stage outputs into the stored sample (``item.members``, encoded)."""
 
     stage = "assemble"
     name = "layers"
@@ -164,8 +164,10 @@ class LayerAssembler(Stage):
         if problems:
             item.reject(self.stage, "format: " + "; ".join(problems[:3]))
             return
-        item.sample = item.background = None
-        item.sample = sample
+        # Encode here, in the actor: the driver only writes bytes, and PNGs travel lighter than arrays.
+        item.members, item.num_layers = sample.to_members(), sample.num_layers
+        item.image = item.background = item.truth = None
+        item.detections = []
 
     def _sample(self, item: Item, layers: list[Detection], fgs: list[np.ndarray],
                 masks: list[np.ndarray], bg: np.ndarray, dropped: list[str]) -> LayerSample:

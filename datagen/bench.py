@@ -1,0 +1,93 @@
+"""`make bench-pipeline`: Ray's overhead and scaling against a plain loop, and the writer's speed.
+
+Runs the same stage objects three ways over the same demo items (in-process loop; Ray Data with
+1 and with 2 actors per stage) and times the shard writer against plain ``tarfile`` writing the
+same bytes. Prints a Markdown table for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from datagen.config import load_config
+from datagen.item import Item
+from datagen.runner import init_ray, run_local, run_ray
+from datagen.sources import list_items
+from datagen.writer import write_shard
+
+
+def _items(cfg, n: int) -> list[Item]:
+    refs = list_items(cfg.source, n)
+    return [Item(key=r.key, shard=0, index=i, uri=r.uri, source=r.descriptor) for i, r in enumerate(refs)]
+
+
+def _timed(stream) -> tuple[int, float, float]:
+    """Items, overall images/s (start-up included) and steady images/s (first to last result)."""
+    t0 = time.perf_counter()
+    stamps = [time.perf_counter() for _ in stream]
+    total = stamps[-1] - t0
+    steady = (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9)
+    return len(stamps), len(stamps) / total, steady
+
+
+def bench_engines(pipeline: str, n: int) -> list[tuple[str, int, float, float]]:
+    cfg = load_config(pipeline)
+    rows = [("in-process loop", *_timed(run_local(cfg, _items(cfg, n))))]
+    init_ray(cfg)
+    for actors in (1, 2):
+        c = copy.deepcopy(cfg)
+        for sc in c.stages.values():
+            sc.actors = actors
+            sc.num_cpus = sc.num_cpus / actors  # the same CPU budget split over more actors
+        rows.append((f"Ray Data, {actors} actor(s)/stage", *_timed(run_ray(c, _items(c, n)))))
+    return rows
+
+
+def bench_writer(pipeline: str, n: int, repeats: int = 5) -> tuple[float, float, int]:
+    cfg = load_config(pipeline)
+    items = [it for it in run_local(cfg, _items(cfg, n)) if it.ok]
+    members = [(f"{it.key}.{s}", d) for it in items for s, d in it.members.items()]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        (out / "shards").mkdir()
+        (out / "manifests").mkdir()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            m = write_shard(out, 0, items, "x", {}, 0.0)
+        ours = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            with tarfile.open(out / "plain.tar", "w") as tf:
+                for name, data in members:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+        plain = time.perf_counter() - t0
+    mb = m["bytes"] * repeats / 1e6
+    return mb / ours, mb / plain, m["bytes"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--pipeline", default="pipelines/default.yaml")
+    parser.add_argument("-n", type=int, default=96, help="items per engine run")
+    args = parser.parse_args()
+    writer = bench_writer(args.pipeline, 16)
+    rows = bench_engines(args.pipeline, args.n)
+    print(f"\n| engine ({args.n} demo items, {args.pipeline}) | items | images/s overall | images/s steady |"
+          "\n|---|---|---|---|")
+    for name, count, overall, steady in rows:
+        print(f"| {name} | {count} | {overall:.2f} | {steady:.2f} |")
+    print(f"\n| shard writer ({writer[2] / 1e6:.1f} MB shard) | MB/s |\n|---|---|\n"
+          f"| datagen.writer.write_shard (sha256, fsync, rename, manifest) | {writer[0]:.0f} |\n"
+          f"| plain tarfile, same bytes | {writer[1]:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""``python -m manifests``: summary, validate and preview of a LayerDiff dataset (format 1)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_OK, EXIT_VIOLATIONS, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m manifests",
+        description="Inspect a LayerDiff dataset directory (OUT/shards, OUT/manifests, OUT/manifest.json).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("summary", help="totals, layer histogram, rejections, stage backends, shards")
+    p.add_argument("out", type=Path, help="dataset directory")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--reasons", type=int, default=20, help="rejection reasons to list (default 20)")
+
+    p = sub.add_parser("validate", help="re-read every shard against its manifest and the format")
+    p.add_argument("out", type=Path, help="dataset directory")
+    p.add_argument("--max-layers", type=int, default=None,
+                   help="layer limit per sample (default: max_layers from the index's config)")
+    p.add_argument("-j", "--jobs", type=int, default=1, help="check shards in N processes")
+    p.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("preview", help="contact sheet PNG: one row per sample")
+    p.add_argument("out", type=Path, help="dataset directory")
+    p.add_argument("--key", action="append", default=[], help="sample key (repeatable)")
+    p.add_argument("--shard", type=int, default=None, help="take samples from this shard")
+    p.add_argument("-n", type=int, default=8, help="number of samples without --key (default 8)")
+    p.add_argument("--cell", type=int, default=128, help="cell size in pixels (default 128)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="PNG to write")
+    return parser
+
+
+def _summary(args: argparse.Namespace) -> int:
+    from manifests.summary import format_summary, summarize
+
+    if not args.out.is_dir():
+        print(f"error: {args.out} is not a directory", file=sys.stderr)
+        return EXIT_USAGE
+    summary = summarize(args.out)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary, max_reasons=args.reasons))
+    return EXIT_OK
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from manifests.validate import validate_dataset
+
+    report = validate_dataset(args.out, max_layers=args.max_layers, jobs=max(1, args.jobs),
+                              progress=not args.quiet and not args.json)
+    ok = report.ok(strict=args.strict)
+    if args.json:
+        doc = report.to_dict()
+        doc["ok"] = ok
+        print(json.dumps(doc, indent=2))
+    else:
+        for v in report.violations:
+            print(v)
+        verdict = "OK" if ok else "FAILED"
+        print(f"{verdict}: {report.shards} shards, {report.samples} samples, "
+              f"{len(report.errors)} errors, {len(report.warnings)} warnings")
+    return EXIT_OK if ok else EXIT_VIOLATIONS
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from manifests.preview import write_preview
+
+    try:
+        rows, (width, height) = write_preview(args.out, args.output, keys=args.key, shard=args.shard,
+                                              n=args.n, cell=args.cell)
+    except (KeyError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {args.output} ({rows} samples, {width}x{height})")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 1 violations found, 2 usage error)."""
+    args = _parser().parse_args(argv)
+    return {"summary": _summary, "validate": _validate, "preview": _preview}[args.command](args)
