@@ -1,0 +1,246 @@
+"""Object phrases from captions, the detector prompt, and the named colour palette.
+
+Pure-python rules (no NLTK data to download): a caption is cut into chunks at punctuation,
+conjunctions, prepositions and verbs; each chunk loses its determiners and counts, its last
+word is made singular, and chunks whose head noun names no object (background, photo, ...)
+are dropped. Good enough for short generated captions ("a red star and a blue square on a
+striped green background") and for BLIP-style ones ("a cat sitting on a couch next to a dog").
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+# Named colours shared with the scene generator (datagen.scenes). The RGB values are the
+# exact colours the generator paints, and the centres the contrast grounder starts from.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "orange": (245, 140, 30),
+    "yellow": (240, 220, 40),
+    "green": (50, 170, 70),
+    "cyan": (40, 200, 220),
+    "blue": (40, 80, 220),
+    "purple": (130, 60, 190),
+    "pink": (240, 130, 190),
+    "brown": (130, 80, 40),
+    "white": (245, 245, 245),
+    "black": (25, 25, 25),
+    "gray": (128, 128, 128),
+}
+
+# Spellings that mean a palette colour.
+COLOUR_SYNONYMS: dict[str, str] = {
+    "grey": "gray",
+    "violet": "purple",
+    "magenta": "pink",
+    "turquoise": "cyan",
+    "teal": "cyan",
+    "gold": "yellow",
+    "golden": "yellow",
+    "silver": "gray",
+}
+
+# Head nouns that are not objects to decompose into a layer.
+STOP_NOUNS = frozenset("""
+    background backdrop foreground photo photograph image picture pic snapshot shot view scene
+    closeup close-up close up illustration painting drawing render rendering sketch artwork art
+    wallpaper texture pattern surface side top bottom front back left right middle center centre
+    corner edge day night daytime light color colour style detail area part piece lot number
+    group couple pair bunch set kind type sort variety row line camera frame screen shot
+    thing something stuff it that this there one
+""".split())
+
+_DETERMINERS = frozenset("""
+    a an the some any this that these those its their his her my our your each every another
+    several many few lots lot of one two three four five six seven eight nine ten dozen
+    no both all other
+""".split())
+
+# Words that end a noun phrase: conjunctions, prepositions, relative words, common verbs.
+_SPLITTERS = frozenset("""
+    and or but with without on in into onto at by for from of to near next beside besides
+    behind under underneath below beneath above over across along against around between
+    among amid through inside outside within upon towards toward via like as than
+    while where when which who whom whose that
+    is are was were be been being am has have had having does do did
+    sits sit stands stand lies lie holds hold looks look walks walk runs run rides ride eats
+    eat plays play flies fly rests rest hangs hang shows show features feature contains
+    contain wears wear carries carry
+    there here very also just
+""".split())
+
+# -ing words that are nouns, so they do not end a phrase.
+_ING_NOUNS = frozenset("""
+    building ceiling ring king thing string wing pudding clothing painting drawing sling
+    swing spring evening morning earring icing stuffing dumpling sibling railing awning
+    frosting bedding wedding ping
+""".split())
+
+_IRREGULAR_PLURALS = {
+    "men": "man", "women": "woman", "children": "child", "people": "person", "mice": "mouse",
+    "geese": "goose", "feet": "foot", "teeth": "tooth", "oxen": "ox", "knives": "knife",
+    "wives": "wife", "leaves": "leaf", "loaves": "loaf", "wolves": "wolf", "calves": "calf",
+    "halves": "half", "shelves": "shelf", "scarves": "scarf", "lives": "life", "dice": "die",
+    "buses": "bus", "houses": "house", "horses": "horse", "vases": "vase", "cases": "case",
+    "bases": "base", "roses": "rose", "noses": "nose", "hoses": "hose",
+    "dresses": "dress", "boxes": "box", "foxes": "fox", "axes": "axe", "cacti": "cactus",
+    "fungi": "fungus", "potatoes": "potato", "tomatoes": "tomato", "heroes": "hero",
+    "criteria": "criterion", "phenomena": "phenomenon", "cookies": "cookie", "movies": "movie",
+    "ties": "tie", "pies": "pie", "shoes": "shoe", "toes": "toe",
+}
+_UNCOUNTED = frozenset("""
+    sheep fish deer series species aircraft grass glass bus gas lens dress chess news
+    bass moss cross boss class mass cactus octopus walrus virus bonus canvas atlas iris
+    pants jeans scissors shorts trousers glasses clothes sunglasses binoculars
+""".split())
+
+# -ed words that are nouns, not participles.
+_ED_NOUNS = frozenset("bed shed sled seed weed steed speed reed sofa-bed flowerbed hundred".split())
+
+_WORD = re.compile(r"[a-z]+(?:-[a-z]+)*")
+_CUT = re.compile(r"[,;:.!?()\[\]\"/]|\s&\s")
+
+
+def singular(word: str) -> str:
+    """Rule-based singular of one lower-case noun ("stars" -> "star", "boxes" -> "box")."""
+    if word in _IRREGULAR_PLURALS:
+        return _IRREGULAR_PLURALS[word]
+    if word in _UNCOUNTED or len(word) <= 3:
+        return word
+    if word.endswith("ies") and len(word) > 4:
+        return word[:-3] + "y"
+    if word.endswith(("ches", "shes", "sses", "xes", "zzes")):
+        return word[:-2]
+    if word.endswith(("ss", "us", "is", "ous")):
+        return word
+    if word.endswith("s"):
+        return word[:-1]
+    return word
+
+
+def normalise_colour(word: str) -> str | None:
+    """The palette name a colour word stands for, or None."""
+    word = word.lower()
+    if word in PALETTE:
+        return word
+    return COLOUR_SYNONYMS.get(word)
+
+
+def colour_of(phrase: str) -> str | None:
+    """The palette colour a phrase names ("red star" -> "red"; "cat" -> None)."""
+    for word in _WORD.findall(phrase.lower()):
+        name = normalise_colour(word)
+        if name is not None:
+            return name
+    return None
+
+
+def _chunks(caption: str) -> list[list[str]]:
+    """Cut a caption into word runs at punctuation, splitter words and verb-like -ing words."""
+    out: list[list[str]] = []
+    for part in _CUT.split(caption.lower()):
+        words = _WORD.findall(part)
+        run: list[str] = []
+        for i, w in enumerate(words):
+            # An -ing word followed by more words is a verb or a participle ("riding a horse",
+            # "sleeping cat"): it ends the phrase. Listed -ing nouns ("building") are kept.
+            is_verb = w.endswith("ing") and w not in _ING_NOUNS and i + 1 < len(words)
+            if w in _SPLITTERS or is_verb:
+                if run:
+                    out.append(run)
+                run = []
+                continue
+            run.append(w)
+        if run:
+            out.append(run)
+    return out
+
+
+def _clean(run: list[str]) -> list[str]:
+    """Drop determiners and counts; keep the remaining modifiers and the head noun."""
+    words = [w for w in run if w not in _DETERMINERS and not w.isdigit()]
+    if not words:
+        return []
+    # A trailing participle follows its noun ("a motorcycle parked on ..."): drop it.
+    while (len(words) > 1 and words[-1].endswith("ed") and len(words[-1]) > 4
+           and words[-1] not in _ED_NOUNS and normalise_colour(words[-1]) is None):
+        words.pop()
+    words[-1] = singular(words[-1])
+    words = [normalise_colour(w) or w for w in words]
+    return words
+
+
+def _is_object(words: list[str]) -> bool:
+    if not words:
+        return False
+    head = words[-1]
+    if head in STOP_NOUNS or " ".join(words[-2:]) in STOP_NOUNS:
+        return False
+    # A lone colour or a lone adjective-looking word is not an object.
+    if normalise_colour(head) is not None:
+        return False
+    if head.endswith("ed") and len(head) > 4 and head not in _ED_NOUNS:
+        return False  # a lone participle ("parked")
+    return not head.endswith("ly") and len(head) > 1
+
+
+def extract_phrases(caption: str) -> list[str]:
+    """Object noun phrases of a caption, singular and de-duplicated, in caption order.
+
+    ``"two red stars and a blue square on a striped green background"`` ->
+    ``["red star", "blue square"]``; stop-listed heads (background, photo, ...) are dropped.
+    """
+    phrases: list[str] = []
+    for run in _chunks(caption or ""):
+        words = _clean(run)
+        if not _is_object(words):
+            continue
+        phrase = " ".join(words)
+        if phrase not in phrases:
+            phrases.append(phrase)
+    return phrases
+
+
+def background_phrase(caption: str) -> str:
+    """The phrase that describes the background ("striped green background"), or ""."""
+    for run in _chunks(caption or ""):
+        words = _clean(run)
+        if words and words[-1] in ("background", "backdrop"):
+            return " ".join(words)
+    return ""
+
+
+def detector_prompt(phrases: Iterable[str]) -> str:
+    """The text prompt GroundingDINO expects: lower-case phrases joined by " . ", ending with "."."""
+    cleaned = [" ".join(_WORD.findall(p.lower())) for p in phrases]
+    cleaned = [p for p in cleaned if p]
+    return " . ".join(cleaned) + " ." if cleaned else ""
+
+
+def with_article(phrase: str) -> str:
+    """ "red star" -> "a red star", "orange circle" -> "an orange circle" (layer captions)."""
+    phrase = phrase.strip()
+    if not phrase:
+        return phrase
+    article = "an" if phrase[0].lower() in "aeiou" else "a"
+    return f"{article} {phrase}"
+
+
+def join_caption(layer_phrases: Sequence[str], background: str = "") -> str:
+    """ "a red star, a blue circle and a green square on a striped gray background"."""
+    items = [with_article(p) for p in layer_phrases]
+    if len(items) > 1:
+        text = ", ".join(items[:-1]) + " and " + items[-1]
+    else:
+        text = items[0] if items else ""
+    if background:
+        text = f"{text} on {with_article(background)}" if text else with_article(background)
+    return text
+
+
+def nearest_colour(rgb: Sequence[float]) -> str:
+    """The palette name nearest to an RGB triple (Euclidean in RGB)."""
+    r, g, b = (float(v) for v in rgb[:3])
+    return min(PALETTE, key=lambda n: (PALETTE[n][0] - r) ** 2 + (PALETTE[n][1] - g) ** 2
+               + (PALETTE[n][2] - b) ** 2)
