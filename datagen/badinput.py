@@ -39,11 +39,12 @@ EXPECTED: dict[str, str] = {
 
 
 def _scene_rgb(size: int = 96) -> np.ndarray:
-    """A plain scene with one red square on a green background (easy to decompose)."""
+    """A plain scene with one red square, left of centre and high, on a green background: easy to
+    decompose, and asymmetric so a wrong rotation shows."""
     img = np.zeros((size, size, 3), np.uint8)
     img[:] = (40, 160, 60)
-    s = size // 4
-    img[s:3 * s, s:3 * s] = (220, 30, 30)
+    s = size // 8
+    img[s:4 * s, s:4 * s] = (220, 30, 30)
     return img
 
 
