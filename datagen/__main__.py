@@ -37,16 +37,26 @@ def main(argv: list[str] | None = None) -> int:
                        help="ray: Ray Data actor pools (default); local: in-process loop")
     run_p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     run_p.add_argument("--no-progress", action="store_true")
-    sub.add_parser("backends", help="list the registered stage backends")
+    backends_p = sub.add_parser("backends", help="list the registered stage backends")
+    backends_p.add_argument("--params", action="store_true", help="also list each backend's params and defaults")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     try:
         if args.command == "backends":
-            from datagen.registry import backends
+            import dataclasses
+
+            from datagen.registry import backends, get_backend
 
             for stage, names in backends().items():
                 print(f"{stage:9s} {', '.join(names)}")
+                for name in names if args.params else ():
+                    cls = get_backend(stage, name)
+                    print(f"  {name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+                    for f in dataclasses.fields(cls.Params):
+                        default = f.default if f.default is not dataclasses.MISSING else (
+                            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+                        print(f"      {f.name} = {default!r}")
             return 0
         kind, path = _source_overrides(args.source, args.source_path)
         overrides = {"shards": args.shards, "output": args.out, "source_kind": kind, "source_path": path,
