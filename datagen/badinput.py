@@ -65,7 +65,7 @@ def write_corpus(root: Path, outside: Path | None = None) -> dict[str, str]:
         "notes.md": b"# not an image\n",
         "tiny.png": _save(Image.fromarray(_scene_rgb(8)), "PNG"),
         "cmyk.jpg": _save(rgb.convert("CMYK"), "JPEG"),
-        "sixteen_bit.png": _save(Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257)), "PNG"),
+        "sixteen_bit.png": _save(Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257), "PNG"),
         "palette.png": _save(rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16), "PNG"),
         "bad_caption.png": _save(rgb, "PNG"),
         "huge_caption.png": _save(rgb, "PNG"),

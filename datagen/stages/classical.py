@@ -232,7 +232,7 @@ def _depth_order(masks: list[np.ndarray]) -> list[int]:
         if cnts:
             cv2.fillPoly(hull, [cv2.convexHull(np.concatenate(cnts))], 1)
         hulls.append(hull.astype(bool))
-    step = max(3, round(min(masks[0].shape) / 85)) if n else 3
+    step = max(3, round(min(masks[0].shape) / 64)) if n else 3
     behind = np.zeros((n, n), bool)  # behind[a, b]: a is behind b
     for a in range(n):
         for b in range(a + 1, n):
@@ -292,7 +292,7 @@ class ContrastGround(Stage):
             item.quality["ground_mode"] = "colour"
             ranks = _depth_order([m for m, _ph, _c in objects])
             dets = []
-            for (mask, phrase, colour), rank in zip(objects, ranks):
+            for (mask, phrase, colour), rank in zip(objects, ranks, strict=True):
                 score = float(np.clip(dist[mask].mean() / (2 * p.tolerance), 0, 1))
                 dets.append(Detection(phrase=phrase, box=_box(mask), score=round(score, 4),
                                       mask=_u8(mask), caption=with_article(phrase),

@@ -17,7 +17,6 @@ from datagen.format import LayerSample, check_sample, compose_uint8, member_suff
 from datagen.runner import run
 from datagen.scenes import make_scene
 from datagen.writer import read_verified_manifest
-
 from tests.datagen.helpers import ROOT, load_json, png, read_shard, small_config
 
 
