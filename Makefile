@@ -62,3 +62,11 @@ clean-data:
 .PHONY: bench-pipeline
 bench-pipeline: setup
 	$(PY) -m datagen.bench
+
+# Tiny random checkpoints in the real on-disk formats (weights/tiny), for pipelines/tiny.yaml.
+TINY_WEIGHTS ?= weights/tiny
+.PHONY: tiny-weights
+tiny-weights: $(TINY_WEIGHTS)/.built
+$(TINY_WEIGHTS)/.built: $(STAMP) $(wildcard datagen/tiny_weights/*.py)
+	$(PY) -m datagen.tiny_weights $(TINY_WEIGHTS)
+	touch $@
