@@ -50,7 +50,12 @@ preview: setup
 	$(PY) -m manifests preview $(DATA_OUT) -n 8 -o $(DATA_OUT)/preview.png
 	@echo "wrote $(DATA_OUT)/preview.png"
 
-test: setup
+# LAVIS needs its own interpreter (transformers 4.26, numpy<2): .venv-lavis, built idempotently.
+.PHONY: lavis-env
+lavis-env: setup
+	bash datagen/envs/setup_lavis.sh
+
+test: setup lavis-env
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
@@ -68,5 +73,5 @@ TINY_WEIGHTS ?= weights/tiny
 .PHONY: tiny-weights
 tiny-weights: $(TINY_WEIGHTS)/.built
 $(TINY_WEIGHTS)/.built: $(STAMP) $(wildcard datagen/tiny_weights/*.py)
-	$(PY) -m datagen.tiny_weights $(TINY_WEIGHTS)
+	$(PY) -m datagen.tiny_weights $(TINY_WEIGHTS) $(if $(wildcard .venv-lavis/bin/python),--lavis-python .venv-lavis/bin/python)
 	touch $@

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import pickle
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,8 +63,41 @@ class Item:
         return self.rejected is None
 
     def to_bytes(self) -> bytes:
-        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+        """Pickle readable under numpy 1 and 2 (a stage may run in another environment, e.g. LAVIS)."""
+        buf = io.BytesIO()
+        _NeutralPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(self)
+        return buf.getvalue()
 
     @staticmethod
     def from_bytes(data: bytes) -> Item:
-        return pickle.loads(data)
+        return _CompatUnpickler(io.BytesIO(data)).load()
+
+
+# -- records across numpy 1 and 2 ------------------------------------------------------------------
+# numpy 2 pickles name numpy._core.*, which numpy 1 lacks; numpy 1 pickles name numpy.core.*, which
+# numpy 2 loads only with a DeprecationWarning. Arrays and scalars therefore travel through the
+# version-neutral rebuild functions below, and reading maps module names back where needed.
+
+
+def _rebuild_array(data: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape).copy()
+
+
+def _rebuild_scalar(data: bytes, dtype: str) -> np.generic:
+    return np.frombuffer(data, dtype=np.dtype(dtype))[0]
+
+
+class _CompatUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module.startswith("numpy._core") and int(np.__version__.split(".")[0]) < 2:
+            module = "numpy.core" + module[len("numpy._core"):]
+        return super().find_class(module, name)
+
+
+class _NeutralPickler(pickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, np.ndarray) and obj.dtype.kind not in "OV":
+            return _rebuild_array, (np.ascontiguousarray(obj).tobytes(), obj.dtype.str, obj.shape)
+        if isinstance(obj, np.generic) and obj.dtype.kind not in "OV":
+            return _rebuild_scalar, (obj.tobytes(), obj.dtype.str)
+        return NotImplemented
