@@ -75,3 +75,9 @@ tiny-weights: $(TINY_WEIGHTS)/.built
 $(TINY_WEIGHTS)/.built: $(STAMP) $(wildcard datagen/tiny_weights/*.py)
 	$(PY) -m datagen.tiny_weights $(TINY_WEIGHTS) $(if $(wildcard .venv-lavis/bin/python),--lavis-python .venv-lavis/bin/python)
 	touch $@
+
+# Decomposition quality on generated scenes against their true layers (BENCHMARKS.md).
+.PHONY: score
+score: setup
+	$(PY) -m datagen.score --size 256 --n 100
+	$(PY) -m datagen.score --size 512 --n 100 --no-photos

@@ -130,8 +130,11 @@ class LayerAssembler(Stage):
             masks = [d.mask for d in layers]
             bg = background
         else:
-            order = order_back_to_front(image, [d.mask for d in kept],
-                                        [float((d.mask > 0).mean()) for d in kept])
+            if all("depth" in d.extra for d in kept):  # the grounder saw the occlusions: trust it
+                order = sorted(range(len(kept)), key=lambda k: kept[k].extra["depth"])
+            else:
+                order = order_back_to_front(image, [d.mask for d in kept],
+                                            [float((d.mask > 0).mean()) for d in kept])
             layers, masks = [], []
             for pos, idx in enumerate(order):
                 visible = kept[idx].mask > 0

@@ -12,8 +12,13 @@
   rebuilds known background around the hole.
 
 Measured facts behind these choices are in /work/shared/REFERENCE.md and BENCHMARKS.score.md.
-Nothing found is a rejection by ground ("no foreground found"), so the reason is specific;
-assemble still applies its own area, duplicate and layer-count rules afterwards.
+
+Rejections are made where the evidence is, with a specific reason: ground rejects "no
+foreground found (...)" (nothing differs from the border colours, or no compact objects and no
+distinct region); segment rejects a photo-fallback mask that is too small or whose outline
+follows no image edge. Assemble still applies its own area, duplicate and layer-count rules.
+Ground also leaves a back-to-front hint in ``Detection.extra["depth"]`` (0 = back-most) from
+occlusion cues, and sorts its detections by it.
 """
 
 from __future__ import annotations
@@ -99,7 +104,10 @@ class ContrastParams:
 
     border_frac: float = 0.03  # border strip that defines the background, share of the side
     bin_size: int = 8  # RGB quantisation of the background colour model
-    min_border_share: float = 0.001  # colour bins rarer than this on the border are ignored
+    min_border_share: float = 0.004  # colour bins rarer than this on a border side are ignored
+    min_sides: int = 1  # a background colour occurs on at least this many of the 4 sides
+    # (2 keeps an object that crosses one side out of the model, but on the bundled photos it
+    # let large background areas in: astronaut, rocket and coins came out worse)
     tolerance: float = 36.0  # farther than this from every border colour: a candidate pixel
     colour_radius: float = 60.0  # a candidate joins a colour cluster within this distance
     min_object_share: float = 0.002  # smallest object, share of the image
@@ -107,27 +115,42 @@ class ContrastParams:
     max_objects: int = 8  # more clusters than this: not a few compact objects
     max_candidate_share: float = 0.6  # more candidates than this: no plain background
     min_explained: float = 0.9  # objects must cover this share of the candidate pixels
-    max_roughness: float = 2.0  # contour length / hull perimeter of a compact object
+    edge_px: int = 2  # object edge pixels off the background colours, this close, join it
+    edge_tolerance: float = 12.0  # "off the background colours": farther than this (RGB)
+    max_roughness: float = 2.5  # contour length / hull perimeter of a compact object
     fallback: bool = True  # photos: one object from the most distinct region
-    fallback_min_share: float = 0.01  # the region must cover at least this much of the image
+    fallback_min_share: float = 0.01  # the candidates, and the region, must cover at least
+    # this much of the image (less: the subject fills the frame, or there is none: reject)
     fallback_min_contrast: float = 0.35  # its mean distance, in units of ``tolerance``
 
 
 class BorderModel:
-    """Distance of every colour to the colours of the image border (a quantised RGB LUT)."""
+    """Distance of every colour to the colours of the image border (a quantised RGB LUT).
 
-    def __init__(self, image: np.ndarray, p: ContrastParams) -> None:
+    A colour counts as background when it occurs on at least ``min_sides`` of the four border
+    strips, often enough, and is not within ``colour_radius`` of an ``exclude`` colour.
+    """
+
+    def __init__(self, image: np.ndarray, p: ContrastParams,
+                 exclude: list[tuple[int, int, int]] | None = None) -> None:
         h, w = image.shape[:2]
         b = max(2, round(p.border_frac * min(h, w)))
-        border = np.concatenate([image[:b].reshape(-1, 3), image[-b:].reshape(-1, 3),
-                                 image[:, :b].reshape(-1, 3), image[:, -b:].reshape(-1, 3)])
         self.bin = p.bin_size
         n = 256 // self.bin
-        idx = self._index(border)
-        counts = np.bincount(idx, minlength=n**3)
-        occupied = counts >= max(2, p.min_border_share * len(idx))
-        if not occupied.any():
-            occupied = counts > 0
+        sides = [image[:b], image[-b:], image[:, :b], image[:, -b:]]
+        votes = np.zeros(n**3, np.int32)
+        total = np.zeros(n**3, np.int64)
+        for side in sides:
+            counts = np.bincount(self._index(side.reshape(-1, 3)), minlength=n**3)
+            votes += counts >= max(2, p.min_border_share * side.shape[0] * side.shape[1])
+            total += counts
+        occupied = votes >= p.min_sides
+        if exclude:  # colours known to be objects' (from the caption)
+            centres = (np.stack(np.unravel_index(np.arange(n**3), (n, n, n)), 1) + 0.5) * self.bin
+            for rgb in exclude:
+                occupied &= np.linalg.norm(centres - np.asarray(rgb, np.float64), axis=1) > p.colour_radius
+        if not occupied.any():  # no colour shared by enough sides: fall back to all of them
+            occupied = total >= max(2, p.min_border_share * total.sum())
         # Distance (in bins) from each colour bin to the nearest occupied one.
         self.lut = ndimage.distance_transform_edt(~occupied.reshape(n, n, n)).reshape(-1) * self.bin
 
@@ -284,23 +307,38 @@ class ContrastGround(Stage):
         cand = dist > p.tolerance
         share = float(cand.mean())
         item.quality["candidate_share"] = round(share, 4)
-        objects = self._split(image, cand, item.phrases) if 0 < share <= p.max_candidate_share else []
-        explained = sum(int(m.sum()) for m, _ph, _c in objects) / max(int(cand.sum()), 1)
-        compact = (0 < len(objects) <= p.max_objects and explained >= p.min_explained
-                   and all(_roughness(m) <= p.max_roughness for m, _ph, _c in objects))
-        if compact:
-            item.quality["ground_mode"] = "colour"
-            ranks = _depth_order([m for m, _ph, _c in objects])
-            dets = []
-            for (mask, phrase, colour), rank in zip(objects, ranks, strict=True):
-                score = float(np.clip(dist[mask].mean() / (2 * p.tolerance), 0, 1))
-                dets.append(Detection(phrase=phrase, box=_box(mask), score=round(score, 4),
-                                      mask=_u8(mask), caption=with_article(phrase),
-                                      extra={"candidate": EXACT, "depth": rank, "colour": colour}))
-            item.detections = sorted(dets, key=lambda d: d.extra["depth"])
+        if self._emit_compact(item, dist, cand, share):
+            return
+        # Second try: colours the caption gives to objects are not background, even where an
+        # object crosses the border ("a black horse on a white background"). Only a compact
+        # result counts: captions also colour backgrounds ("under a blue sky").
+        bg_colour = colour_of(background_phrase(item.caption))
+        object_colours = [PALETTE[c] for ph in item.phrases
+                          if (c := colour_of(ph)) is not None and c != bg_colour]
+        if object_colours:
+            guided = BorderModel(image, p, object_colours).distance(image)
+            g_cand = guided > p.tolerance
+            if self._emit_compact(item, guided, g_cand, float(g_cand.mean())):
+                item.quality["ground_mode"] = "colour-caption"
+                return
+        if p.fallback and share < p.fallback_min_share:
+            # The border's colours are (nearly) everywhere: the subject fills the frame or
+            # there is none; a "most distinct" blob would be a part of it, or noise.
+            item.reject(self.stage, f"no foreground found (only {share:.1%} of the image differs "
+                                    "from the border colours)")
             return
         if p.fallback:
-            region = self._most_distinct(dist, h, w)
+            # At a fixed working size (<= 256 px) so the choice does not drift with image size.
+            scale = min(1.0, 256 / max(h, w))
+            if scale < 1:
+                sw, sh = max(8, round(w * scale)), max(8, round(h * scale))
+                small = cv2.resize(image, (sw, sh), interpolation=cv2.INTER_AREA)
+                region = self._most_distinct(BorderModel(small, p).distance(small), sh, sw)
+                if region is not None:
+                    up = cv2.resize(region[0].astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+                    region = (up > 0, region[1])
+            else:
+                region = self._most_distinct(dist, h, w)
             if region is not None:
                 mask, contrast = region
                 phrase = item.phrases[0] if item.phrases else "object"
@@ -311,6 +349,39 @@ class ContrastGround(Stage):
                 return
         item.reject(self.stage, "no foreground found" if share == 0 or not p.fallback
                     else "no foreground found (no compact objects and no distinct region)")
+
+    def _emit_compact(self, item: Item, dist: np.ndarray, cand: np.ndarray, share: float) -> bool:
+        """If the candidates are a few compact objects, write them as detections: True."""
+        p: ContrastParams = self.params
+        if not 0 < share <= p.max_candidate_share:
+            return False
+        objects = self._split(item.image, cand, item.phrases)
+        explained = sum(int(m.sum()) for m, _ph, _c in objects) / max(int(cand.sum()), 1)
+        if not (0 < len(objects) <= p.max_objects and explained >= p.min_explained
+                and all(_roughness(m) <= p.max_roughness for m, _ph, _c in objects)):
+            return False
+        item.quality["ground_mode"] = "colour"
+        ranks = _depth_order([m for m, _ph, _c in objects])
+        if p.edge_px > 0:
+            # Mixed edge pixels (anti-aliasing, resampling) are neither object colour nor
+            # background: they join the object they border, so the layer keeps them (exact
+            # recomposition) and the background gets no ghost outline. Hard edges have none.
+            taken = np.zeros(cand.shape, bool)
+            for m, _ph, _c in objects:
+                taken |= m
+            k = _disk(p.edge_px)
+            for m, _ph, _c in objects:
+                edge = (cv2.dilate(m.astype(np.uint8), k) > 0) & ~taken & (dist > p.edge_tolerance)
+                m |= edge
+                taken |= edge
+        dets = []
+        for (mask, phrase, colour), rank in zip(objects, ranks, strict=True):
+            score = float(np.clip(dist[mask].mean() / (2 * p.tolerance), 0, 1))
+            dets.append(Detection(phrase=phrase, box=_box(mask), score=round(score, 4),
+                                  mask=_u8(mask), caption=with_article(phrase),
+                                  extra={"candidate": EXACT, "depth": rank, "colour": colour}))
+        item.detections = sorted(dets, key=lambda d: d.extra["depth"])
+        return True
 
     def _split(self, image: np.ndarray, cand: np.ndarray,
                phrases: list[str]) -> list[tuple[np.ndarray, str, str]]:
@@ -400,8 +471,14 @@ def edge_ratio(image: np.ndarray, mask: np.ndarray) -> float:
     """Mean gradient magnitude along a mask's outline over the image's mean gradient.
 
     A mask that outlines a real object sits on strong edges (ratio well above 2); a blob cut
-    out of texture does not (~1-2).
+    out of texture does not (~1-2). Measured at a fixed 256 px working size, so the ratio does
+    not drift with the image size.
     """
+    scale = 256 / max(image.shape[:2])
+    if scale < 1:
+        size = (max(8, round(image.shape[1] * scale)), max(8, round(image.shape[0] * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        mask = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
     g = cv2.GaussianBlur(image.astype(np.float32), (0, 0), 1.0)
     mag = np.sqrt((cv2.Sobel(g, cv2.CV_32F, 1, 0) ** 2 + cv2.Sobel(g, cv2.CV_32F, 0, 1) ** 2).sum(2))
     m = mask.astype(np.uint8)
@@ -421,9 +498,11 @@ class GrabCutParams:
     # it adds nothing there and costs time; the band below limits what it may change)
     exact_band_px: int = 2  # with refine_exact: GrabCut decides only this close to the edge
     margin: float = 0.15  # context around the box given to GrabCut, share of the box side
-    max_side: int = 320  # GrabCut runs on the crop scaled down to at most this side (speed)
-    min_keep: float = 0.3  # a result smaller than this share of the candidate is a failure
-    # (the candidate is kept instead)
+    work_size: int = 256  # GrabCut runs on the image scaled so its longer side is at most this
+    # (speed, and the same result whatever the image size)
+    min_keep: float = 0.3  # with refine_exact: a result smaller than this share of the exact
+    # candidate is a GrabCut failure (the candidate is kept instead)
+    min_rough_share: float = 0.01  # photo fallback: a smaller mask is no object layer, reject
     min_edge_ratio: float = 2.5  # photo fallback: mean gradient along the mask outline over the
     # image's mean gradient; below it the outline follows no object edge (measured on the
     # bundled photos: kept astronaut 3.5, rocket 6.4, coffee 6.9; noise blobs 1.7-2.2), reject
@@ -443,7 +522,10 @@ class GrabCutSegment(Stage):
             for det in item.detections:
                 mask = self.segment(item.image, det)
                 det.mask = _u8(mask)
-                if det.extra.get("candidate") == ROUGH and mask.any():
+                if det.extra.get("candidate") == ROUGH:
+                    if mask.mean() < self.params.min_rough_share:
+                        item.reject(self.stage, f"fallback mask too small ({mask.mean():.2%} of the image)")
+                        break
                     ratio = edge_ratio(item.image, mask)
                     det.extra["edge_ratio"] = round(ratio, 3)
                     if ratio < self.params.min_edge_ratio:
@@ -491,13 +573,14 @@ class GrabCutSegment(Stage):
         if gc.shape[0] < 2 or gc.shape[1] < 2 or not (gc % 2 == 1).any() \
                 or (np.isin(gc, (cv2.GC_BGD, cv2.GC_PR_BGD))).sum() < 10:
             return cand if cand is not None else np.zeros((h, w), bool)
-        scale = min(1.0, p.max_side / max(crop.shape[:2]))
+        scale = min(1.0, p.work_size / max(h, w))
         small, gsmall = crop, gc
         if scale < 1.0:
             size = (max(2, round(crop.shape[1] * scale)), max(2, round(crop.shape[0] * scale)))
             small = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
             gsmall = cv2.resize(gc, size, interpolation=cv2.INTER_NEAREST)
         bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+        cv2.setRNGSeed(0)  # GrabCut's GMM init draws from OpenCV's global RNG: reproducible
         try:
             cv2.grabCut(small, gsmall, None, bgd, fgd, p.iterations if not exact else 2,
                         cv2.GC_INIT_WITH_MASK)
@@ -513,9 +596,9 @@ class GrabCutSegment(Stage):
                 fg = ndimage.binary_fill_holes(lab == 1 + int(stats[1:, cv2.CC_STAT_AREA].argmax()))
         out = np.zeros((h, w), bool)
         out[cy0:cy1, cx0:cx1] = fg > 0
-        if cand is not None and out.sum() < p.min_keep * cand.sum():
-            return cand
-        return out
+        if exact and out.sum() < p.min_keep * cand.sum():
+            return cand  # GrabCut collapsed on a clean candidate: keep the candidate
+        return out  # a rough candidate was only a hint: GrabCut's answer stands (edge-checked)
 
 
 # -- inpaint ---------------------------------------------------------------------------------
@@ -528,6 +611,10 @@ class OpenCVInpaintParams:
     methods: tuple[str, ...] = ("telea", "ns", "poly", "pattern")
     radius: int = 3  # Telea / Navier-Stokes neighbourhood
     band_px: int = 3  # validation: this band of known pixels around a hole is re-filled
+    halo_threshold: float = 0.0  # > 0: band pixels this far (RGB) from the best fill join the
+    # hole (no ghost outline of soft mask edges), at the cost of recomposition error there;
+    # 0: off. The contrast grounder already gives mixed edge pixels to the objects; on the
+    # bundled photos 12.0 cost 0.5-6 dB of recomposition PSNR.
     ring_px: int = 8  # the polynomial is fitted on known pixels this close to the hole
     poly_degree: int = 2
     max_period: float = 0.25  # pattern copy: longest repeat searched, share of the image side
@@ -671,9 +758,18 @@ class OpenCVInpaint(Stage):
         n, lab = cv2.connectedComponents(holes.astype(np.uint8), connectivity=8)
         chosen: list[str] = []
         sq_err, count = 0.0, 0
+        halo_px = 0
         for i in range(1, n):
             hole = lab == i
-            method, mse = self._choose(filler, hole, holes)
+            method, mse, halo = self._choose(filler, hole, holes)
+            if p.halo_threshold <= 0:
+                halo = None
+            if halo is not None:
+                # Edge pixels that match neither the object nor the rebuilt background (an
+                # anti-aliased or resampled outline) join the hole: no ghost outline remains.
+                hole |= halo
+                holes |= halo
+                halo_px += int(halo.sum())
             known = ~holes
             window = self._window(hole, h, w)
             ys, xs = np.nonzero(hole)
@@ -689,6 +785,7 @@ class OpenCVInpaint(Stage):
         item.quality["hole_psnr_estimate"] = round(min(100.0, 10 * math.log10(255**2 / mse))
                                                    if mse > 0 else 100.0, 2)
         item.quality["hole_share"] = round(float(holes.mean()), 4)
+        item.quality["halo_px"] = halo_px
 
     def _window(self, hole: np.ndarray, h: int, w: int) -> tuple[int, int, int, int]:
         ys, xs = np.nonzero(hole)
@@ -696,22 +793,32 @@ class OpenCVInpaint(Stage):
         return (max(0, ys.min() - pad), max(0, xs.min() - pad),
                 min(h, ys.max() + pad + 1), min(w, xs.max() + pad + 1))
 
-    def _choose(self, filler: _Filler, hole: np.ndarray, holes: np.ndarray) -> tuple[str, float]:
-        """The method that best re-fills a band of known pixels around the hole, and its MSE."""
+    def _choose(self, filler: _Filler, hole: np.ndarray,
+                holes: np.ndarray) -> tuple[str, float, np.ndarray | None]:
+        """The method that best re-fills a band of known pixels around the hole, its MSE there
+        (halo excluded), and the halo: band pixels far from that method's fill, or None."""
         p: OpenCVInpaintParams = self.params
         band = (cv2.dilate(hole.astype(np.uint8), _disk(p.band_px)) > 0) & ~holes
         if band.sum() < 8 or len(p.methods) == 1:
-            return p.methods[0], 0.0
+            return p.methods[0], 0.0, None
         test_hole = hole | band
         known = ~(holes | band)
         window = self._window(test_hole, *hole.shape)
         ys, xs = np.nonzero(test_hole)
         in_band = band[ys, xs]
         truth = filler.image[ys, xs][in_band].astype(np.float64)
-        best, best_mse = p.methods[0], float("inf")
+        best, best_mse, best_err = p.methods[0], float("inf"), np.zeros(0)
         for method in p.methods:
             vals = filler.fill(method, test_hole, known, window)
-            mse = float(np.mean((np.clip(np.rint(vals[in_band]), 0, 255) - truth) ** 2))
+            err = ((np.clip(np.rint(vals[in_band]), 0, 255) - truth) ** 2).sum(1)
+            mse = float(err.mean() / 3)
             if mse < best_mse - 1e-9:
-                best, best_mse = method, mse
-        return best, best_mse
+                best, best_mse, best_err = method, mse, err
+        # Halo: farther from the fill than both a fixed floor and 3x the band's typical error.
+        far = np.sqrt(best_err) > max(p.halo_threshold, 3.0 * math.sqrt(3.0 * float(np.median(best_err))))
+        if not far.any():
+            return best, best_mse, None
+        halo = np.zeros_like(hole)
+        halo[ys[in_band][far], xs[in_band][far]] = True
+        rest = best_err[~far]
+        return best, float(rest.mean() / 3) if len(rest) else best_mse, halo

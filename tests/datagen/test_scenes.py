@@ -1,0 +1,112 @@
+"""The synthetic scene generator: exact true layers, determinism, hold-out control, shapes."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from datagen.format import compose_uint8
+from datagen.phrases import PALETTE, extract_phrases
+from datagen.scenes import (
+    BACKGROUNDS,
+    MIN_VISIBLE,
+    SHAPES,
+    classify_shape,
+    make_scene,
+    shape_mask,
+    split_combos,
+)
+
+cv2.setNumThreads(1)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_layers_compose_to_the_image_exactly(seed: int) -> None:
+    scene = make_scene(seed, 128)
+    assert 1 <= scene.num_layers <= 3
+    assert scene.image.dtype == np.uint8 and scene.image.shape == (128, 128, 3)
+    assert np.array_equal(compose_uint8(scene.background, scene.foregrounds, scene.masks), scene.image)
+    for fg, mask, colour in zip(scene.foregrounds, scene.masks, scene.colours, strict=True):
+        assert set(np.unique(mask)) <= {0, 255} and mask.any()
+        assert not fg[mask == 0].any()  # foreground is 0 outside its mask
+        assert (fg[mask > 0] == PALETTE[colour]).all()  # flat colour, no anti-aliasing
+    assert len(set(scene.colours)) == scene.num_layers  # distinct colours within a scene
+
+
+def test_visible_masks_partition_the_hole() -> None:
+    for seed in range(20):
+        scene = make_scene(seed, 128)
+        vis = [m > 0 for m in scene.visible_masks()]
+        union = np.zeros_like(vis[0])
+        for v, full in zip(vis, scene.masks, strict=True):
+            assert not (union & v).any()  # visible parts never overlap
+            assert (v <= (full > 0)).all()
+            assert v.sum() >= MIN_VISIBLE * (full > 0).sum() - 60  # rasterisation slack at 128 px
+            union |= v
+        assert np.array_equal(union, scene.hole())
+        assert vis[-1].sum() == (scene.masks[-1] > 0).sum()  # the front layer is all visible
+
+
+def test_deterministic_and_size_independent() -> None:
+    a, b = make_scene(7, 256), make_scene(7, 256)
+    assert np.array_equal(a.image, b.image) and a.caption == b.caption
+    assert make_scene(8, 256).caption != a.caption or not np.array_equal(make_scene(8, 256).image, a.image)
+    big = make_scene(7, 512)
+    assert big.caption == a.caption and big.shapes == a.shapes
+    for m_small, m_big in zip(a.masks, big.masks, strict=True):
+        down = cv2.resize(m_big, (256, 256), interpolation=cv2.INTER_AREA) > 127
+        inter = (down & (m_small > 0)).sum()
+        assert inter / (down | (m_small > 0)).sum() > 0.95
+
+
+def test_captions_name_every_layer() -> None:
+    scene = make_scene(3, 128, n_objects=3)
+    assert scene.num_layers == 3
+    assert sorted(extract_phrases(scene.caption)) == sorted(scene.phrases)
+    assert scene.layer_captions == [f"a {p}" if p[0] not in "aeiou" else f"an {p}" for p in scene.phrases]
+    assert scene.background_caption.endswith("background")
+    assert scene.background_caption.split()[-2] == scene.background_colour or \
+        scene.background_colour in scene.background_caption
+
+
+def test_every_background_kind_renders() -> None:
+    for kind in BACKGROUNDS:
+        scene = make_scene(1, 96, backgrounds=[kind])
+        assert scene.background_kind == kind
+        outside = ~scene.hole()
+        assert np.array_equal(scene.image[outside], scene.background[outside])
+
+
+def test_hold_out_control() -> None:
+    seen, held = split_combos(0.25, seed=0)
+    assert not set(seen) & set(held) and len(held) == round(0.25 * (len(seen) + len(held)))
+    assert {c for c, _ in seen} == set(PALETTE) and {s for _, s in seen} == set(SHAPES)
+    for seed in range(15):
+        scene = make_scene(seed, 64, combos=seen)
+        assert all(cs in seen for cs in zip(scene.colours, scene.shapes, strict=True))
+        scene = make_scene(seed, 64, exclude=seen, n_objects=1)
+        assert (scene.colours[0], scene.shapes[0]) in held
+    only = make_scene(0, 64, colours=["red"], shapes=["star"], n_objects=1)
+    assert only.phrases == ["red star"]
+    with pytest.raises(ValueError):
+        make_scene(0, 64, combos=[])
+
+
+def test_classify_shape() -> None:
+    for size in (64, 128):
+        wrong = []
+        for seed in range(60):
+            scene = make_scene(500 + seed, size, n_objects=1)
+            got = classify_shape(scene.masks[0])
+            if got != scene.shapes[0]:
+                wrong.append((scene.shapes[0], got))
+        assert len(wrong) <= 1, wrong
+    assert classify_shape(np.zeros((32, 32), np.uint8)) is None
+
+
+def test_shape_mask_rejects_unknown_shape() -> None:
+    from datagen.scenes import ShapeSpec
+
+    with pytest.raises(ValueError):
+        shape_mask(ShapeSpec("blob", "red", 0.5, 0.5, 0.2, 0.0), 32)
