@@ -68,9 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
 
-    from datagen.runner import run
+    from datagen.runner import PipelineError, run
 
-    summary = run(cfg, engine=args.engine, progress=not args.no_progress)
+    try:
+        summary = run(cfg, engine=args.engine, progress=not args.no_progress)
+    except PipelineError as err:
+        print(f"run stopped: {err}\n(complete shards are kept; fix the cause and rerun to finish)", file=sys.stderr)
+        return 1
     print(summary.report())
     print(f"inspect: python -m manifests summary {cfg.output}")
     return 0

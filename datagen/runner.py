@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
@@ -90,7 +91,13 @@ def check_output(cfg: PipelineConfig, out: Path) -> None:
 
 def run_local(cfg: PipelineConfig, items: list[Item]) -> Iterator[Item]:
     """The plain in-process loop: every stage built once here, items in batches."""
-    stages = [cfg.build_stage(s) for s in STAGES]
+    stages = []
+    for name in STAGES:
+        try:
+            stages.append(cfg.build_stage(name))
+        except Exception as err:  # noqa: BLE001 - a stage that cannot start stops the run, clearly
+            raise PipelineError(f"{name} ({cfg.stages[name].backend}) could not start: "
+                                f"{type(err).__name__}: {err}") from err
     bs = max(cfg.stages[s].batch_size for s in STAGES)
     for start in range(0, len(items), bs):
         batch = items[start:start + bs]
@@ -134,9 +141,26 @@ def run_ray(cfg: PipelineConfig, items: list[Item]) -> Iterator[Item]:
                             compute=ray.data.ActorPoolStrategy(size=sc.actors), batch_size=sc.batch_size,
                             batch_format="numpy", num_cpus=sc.num_cpus, num_gpus=sc.num_gpus or None,
                             **remote_args)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for record in batch["record"]:
-            yield Item.from_bytes(record)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for record in batch["record"]:
+                yield Item.from_bytes(record)
+    except Exception as err:  # noqa: BLE001 - items never raise (stages record them); this is a stage that cannot run
+        raise PipelineError(_root_cause(err)) from err
+
+
+class PipelineError(RuntimeError):
+    """A stage could not run at all (e.g. its model failed to load): the run stops."""
+
+
+def _root_cause(err: BaseException) -> str:
+    """The last 'SomeError: message' line of a (Ray-wrapped) exception, and the stage it came from."""
+    text = str(err)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    cause = next((ln for ln in reversed(lines) if re.match(r"^[A-Za-z_.]*(Error|Exception)\b.*:", ln)),
+                 lines[-1] if lines else type(err).__name__)
+    stage = re.search(r"MapBatches\((\w+)\)", text)
+    return f"{stage.group(1) + ' could not run: ' if stage else ''}{cause}"
 
 
 def run(cfg: PipelineConfig, engine: str = "ray", progress: bool = True) -> RunSummary:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from datagen.config import ConfigError, load_config
-from datagen.runner import run
+from datagen.runner import PipelineError, run
 from datagen.tiny_weights.__main__ import main as build_tiny_weights
 from manifests.validate import validate_dataset
 from tests.datagen.helpers import load_json
@@ -44,3 +44,16 @@ def test_tiny_pipeline_without_weights_names_the_missing_file(tmp_path: Path, mo
     with pytest.raises(ConfigError, match=r"stages\.\w+\.params: .*nowhere"):
         load_config("pipelines/tiny.yaml", {"output": str(tmp_path / "out")})
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ray", "local"])
+def test_stage_that_cannot_load_its_model_stops_the_run(tmp_path: Path, tiny_weights: Path, monkeypatch,
+                                                         ray_local, engine):
+    """A checkpoint that passes the file check but is the wrong model: the run stops with the cause."""
+    monkeypatch.setenv("LAYERDIFF_TINY_WEIGHTS", str(tiny_weights))
+    cfg = load_config("pipelines/tiny.yaml", {"output": str(tmp_path / "out"), "samples_per_shard": 2})
+    cfg.stages["segment"].params.checkpoint = str(tiny_weights / "groundingdino" / "groundingdino_tiny.pth")
+    with pytest.raises(PipelineError, match="(SamStage|segment).*could not.*SAM checkpoint"):
+        run(cfg, engine=engine, progress=False)
+    assert not list((tmp_path / "out" / "shards").glob("*.tar"))
