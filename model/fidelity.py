@@ -1,0 +1,363 @@
+"""Fidelity benchmark: train the tiny config on synthetic coloured-shape scenes for a fixed CPU
+budget, then sample seen and held-out (colour, shape) combinations and score the layers.
+
+    python -m model.fidelity --minutes 30 --out runs/fidelity
+
+1. Shards: ``datagen.scenes.make_scene`` at the model's resolution, the held-out combinations
+   (``split_combos``) excluded, written in the layered format (``OUT/data``, with manifest.json).
+2. Train ``model.train`` in-process for ``--minutes`` (the LR schedule is fitted to the budget).
+3. Sample the prompts of unseen scenes (seeds apart from the training ones) whose objects are
+   all seen, or all held-out, combinations; score every layer:
+
+   - fg colour: the mean colour of the foreground inside its predicted mask is, of the palette,
+     nearest to the prompted colour;
+   - shape: ``classify_shape`` of the predicted mask is the prompted shape;
+   - background: the background's pixels lie nearest the prompted colour's tones;
+   - binarity: share of mask pixels within 0.1 of 0 or 1;
+   - outside-mask: of a foreground layer's pixels, the share outside its predicted mask that
+     the model painted as object: differing (by > 0.1) from the fill the training data shows
+     there (``fg_fill``: nearest = the inside colour carried outwards, zero = black);
+   - leak: composite pixels outside a layer's mask that have its prompted colour (a ghost of the
+     object in the background layer), per pixel of the object.
+
+   The same scores on the true layers of the same scenes give the ceiling of the measures
+   (``classify_shape`` itself is ~93% right on true 32 px masks).
+
+Writes ``OUT/fidelity.json``, ``OUT/fidelity.md``, ``OUT/loss.png`` and sample grids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import sys
+import tarfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from datagen.format import DATASET_SCHEMA, SAMPLE_SCHEMA, SHARD_SCHEMA, LayerSample, psnr
+from model.data import fill_outside, split_layers, to_example
+
+BARS = {"fg_colour": (">=", 0.9), "shape": (">=", 0.8), "background": (">=", 0.95),
+        "binarity": (">=", 0.95), "outside_mask": ("<=", 0.05)}
+HELDOUT_GAP = 0.1
+EVAL_SEED0 = 1_000_000  # evaluation scenes: seeds far from the training ones
+
+
+@dataclass
+class FidelityConfig:
+    out: str = "runs/fidelity"
+    minutes: float = 30.0  # training budget: CPU time of the training process (one thread)
+    train_scenes: int = 20_000
+    shard_size: int = 2_000
+    eval_scenes: int = 64  # per split (seen, held-out)
+    holdout_fraction: float = 0.25
+    seed: int = 0
+    guidance_scale: float = 3.0
+    sample_steps: int = 25
+    eval_batch: int = 32
+    threads: int = 1
+    data: str | None = None  # existing shards (else generated under OUT/data)
+    skip_train: bool = False  # score OUT/train/model as it is
+    train_args: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic shards
+
+
+def scene_sample(scene: Any, key: str) -> LayerSample:
+    """A ``datagen.scenes.Scene`` as a format-conforming LayerSample."""
+    h, w = scene.image.shape[:2]
+    layers = []
+    for n, mask in enumerate(scene.masks):
+        ys, xs = np.nonzero(mask)
+        box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1] if len(xs) else [0, 0, 0, 0]
+        layers.append({"index": n, "phrase": scene.phrases[n], "caption": scene.layer_captions[n], "box": box,
+                       "score": 1.0, "area": int((mask > 0).sum())})
+    sample = LayerSample(key=key, image=scene.image, background=scene.background,
+                         foregrounds=list(scene.foregrounds), masks=list(scene.masks), caption=scene.caption)
+    sample.meta = {"schema": SAMPLE_SCHEMA, "key": key, "width": w, "height": h, "caption": scene.caption,
+                   "background": {"caption": scene.background_caption}, "layers": layers,
+                   "source": {"kind": "synthetic-gt", "seed": scene.seed},
+                   "quality": {"recon_psnr": round(psnr(sample.recompose(), scene.image), 2)}}
+    return sample
+
+
+def write_scene_shards(out: Path, seeds: Sequence[int], size: int, exclude: Sequence[tuple[str, str]],
+                       shard_size: int, max_layers: int = 3) -> Path:
+    """Scenes of ``seeds`` as OUT/shards/*.tar + OUT/manifests/*.json + OUT/manifest.json."""
+    from datagen.scenes import make_scene
+
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    (out / "manifests").mkdir(parents=True, exist_ok=True)
+    entries = []
+    for s, start in enumerate(range(0, len(seeds), shard_size)):
+        tar_path = out / "shards" / f"{s:06d}.tar"
+        tmp = tar_path.with_name(f".{tar_path.name}.tmp")
+        count = 0
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for seed in seeds[start:start + shard_size]:
+                scene = make_scene(int(seed), size, n_objects=(1, max_layers), exclude=exclude)
+                key = f"scene-{int(seed):08d}"
+                for suffix, data in scene_sample(scene, key).to_members().items():
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size, info.mtime = len(data), 0
+                    tar.addfile(info, io.BytesIO(data))
+                count += 1
+        tmp.replace(tar_path)
+        data = tar_path.read_bytes()
+        entry = {"shard": s, "samples": count, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        (out / "manifests" / f"{s:06d}.json").write_text(json.dumps({"schema": SHARD_SCHEMA, **entry}) + "\n")
+        entries.append(entry)
+    index = {"schema": DATASET_SCHEMA, "config": {"source": "synthetic-gt (model.fidelity)", "size": size,
+                                                  "excluded_combos": [list(c) for c in exclude]},
+             "shards": entries, "totals": {"samples": sum(e["samples"] for e in entries)}}
+    (out / "manifest.json").write_text(json.dumps(index, indent=1) + "\n")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring
+
+
+def background_colour(bg: np.ndarray, candidates: Sequence[str]) -> str:
+    """The candidate whose two background tones (datagen.scenes) the (H, W, 3) uint8 pixels lie nearest."""
+    from datagen.scenes import _background_tones
+
+    pixels = bg.reshape(-1, 3).astype(np.float64)
+    best, best_d = candidates[0], float("inf")
+    for name in candidates:
+        a, b = _background_tones(name)
+        ab = b - a
+        t = np.clip((pixels - a) @ ab / max(float(ab @ ab), 1e-9), 0, 1)
+        d = float(np.linalg.norm(pixels - (a + t[:, None] * ab), axis=1).mean())
+        if d < best_d:
+            best, best_d = name, d
+    return best
+
+
+def score_sample(layers: torch.Tensor, present: torch.Tensor, scene: Any, fg_fill: str) -> dict[str, Any]:
+    """Scores of one sample's (L, 3, H, W) layers in [-1, 1] against the scene it was prompted with."""
+    from datagen.phrases import PALETTE, nearest_colour
+    from datagen.scenes import BACKGROUND_COLOURS, classify_shape
+
+    parts = split_layers(layers.float().cpu(), present.cpu())
+    bg = (parts["background"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    record: dict[str, Any] = {"bg_ok": background_colour(bg, BACKGROUND_COLOURS) == scene.background_colour,
+                              "layers": []}
+    alphas = [a.bool() for a in parts["alphas"]]
+    from datagen.format import compose_layers
+
+    composite = compose_layers(parts["background"], parts["foregrounds"], [a[None].float() for a in alphas])
+    for n, (fg, soft, inside) in enumerate(zip(parts["foregrounds"], parts["masks"], alphas, strict=True)):
+        colour, shape = scene.colours[n], scene.shapes[n]
+        area = int(inside.sum())
+        mean = (fg[:, inside].mean(1) * 255).tolist() if area else [0.0, 0.0, 0.0]
+        expected = fill_outside(fg, inside, fg_fill) if area else fg
+        painted = ((fg - expected).abs().amax(0) > 0.1) & ~inside
+        target = torch.tensor(PALETTE[colour], dtype=torch.float32)[:, None, None] / 255
+        comp_near = ((composite - target).norm(dim=0) < 40 / 255) & ~inside
+        record["layers"].append({
+            "colour": colour, "shape": shape,
+            "colour_ok": area > 0 and nearest_colour(mean) == colour,
+            "shape_pred": classify_shape(inside.numpy().astype(np.uint8) * 255),
+            "binarity": float(((soft <= 0.1) | (soft >= 0.9)).float().mean()),
+            "outside": float(painted.sum()) / max(1, area + int(painted.sum())),
+            "leak": float(comp_near.sum()) / max(1, area),
+        })
+        record["layers"][-1]["shape_ok"] = record["layers"][-1]["shape_pred"] == shape
+    return record
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    layers = [r for rec in records for r in rec["layers"]]
+    mean = lambda xs: float(np.mean(xs)) if len(xs) else float("nan")  # noqa: E731
+    return {
+        "fg_colour": mean([r["colour_ok"] for r in layers]),
+        "shape": mean([r["shape_ok"] for r in layers]),
+        "background": mean([r["bg_ok"] for r in records]),
+        "binarity": mean([r["binarity"] for r in layers]),
+        "outside_mask": mean([r["outside"] for r in layers]),
+        "leak": mean([r["leak"] for r in layers]),
+        "samples": len(records),
+        "fg_layers": len(layers),
+    }
+
+
+def eval_scenes(combos: Sequence[tuple[str, str]], n: int, size: int, max_layers: int, seed0: int) -> list[Any]:
+    """``n`` scenes whose objects all take combinations from ``combos`` (seeds from ``seed0``)."""
+    from datagen.scenes import make_scene
+
+    return [make_scene(seed0 + i, size, n_objects=(1, max_layers), combos=set(combos)) for i in range(n)]
+
+
+def evaluate(model: Any, scenes: Sequence[Any], cfg: FidelityConfig, fg_fill: str,
+             grid_path: Path | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """(model scores, ground-truth scores) over ``scenes``; writes a grid of the first samples."""
+    from model.sampling import ddim_sample
+    from model.trainlog import save_grid
+
+    res, k_max = model.config.resolution, model.config.max_layers
+    examples = [to_example(scene_sample(s, f"eval-{s.seed}"), res, k_max, fg_fill) for s in scenes]
+    generator = torch.Generator().manual_seed(cfg.seed + 777)
+    records, truth = [], []
+    for start in range(0, len(examples), cfg.eval_batch):
+        chunk = examples[start:start + cfg.eval_batch]
+        present = torch.stack([e["present"] for e in chunk])
+        with torch.no_grad():
+            layers = ddim_sample(model, [e["prompt"] for e in chunk], [e["layer_prompts"] for e in chunk], present,
+                                 num_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, generator=generator)
+        for i, ex in enumerate(chunk):
+            scene = scenes[start + i]
+            records.append(score_sample(layers[i], ex["present"], scene, fg_fill))
+            truth.append(score_sample(ex["layers"], ex["present"], scene, fg_fill))
+        if start == 0 and grid_path is not None:
+            save_grid(grid_path, layers[:8], present[:8], [e["prompt"] for e in chunk[:8]],
+                      [e["layer_prompts"] for e in chunk[:8]])
+    return summarize(records), summarize(truth)
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def plot_loss(log_csv: Path, png: Path) -> list[tuple[int, float]]:
+    """Plot train_log.csv's loss; returns (step, loss) at about ten points."""
+    from model.trainlog import read_log
+
+    rows = read_log(log_csv)
+    steps, losses = [int(r["step"]) for r in rows], [r["loss"] for r in rows]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(steps, losses)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (mean over log interval)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(png, dpi=100)
+        plt.close(fig)
+    except ImportError:
+        pass
+    pick = sorted({round(i * (len(rows) - 1) / 9) for i in range(10)}) if rows else []
+    return [(steps[i], round(losses[i], 4)) for i in pick]
+
+
+def verdict(seen: dict[str, float], held: dict[str, float]) -> dict[str, bool]:
+    ok = {}
+    for name, (op, bar) in BARS.items():
+        ok[name] = all((m[name] >= bar) if op == ">=" else (m[name] <= bar) for m in (seen, held))
+    ok["heldout_gap"] = all(abs(seen[k] - held[k]) <= HELDOUT_GAP for k in ("fg_colour", "shape"))
+    return ok
+
+
+def run(cfg: FidelityConfig) -> dict[str, Any]:
+    """Generate data, train for the budget, evaluate; returns (and writes) the report."""
+    from datagen.scenes import split_combos
+    from model import LayerDiffModel
+    from model.train import TrainConfig, train
+
+    torch.set_num_threads(cfg.threads)
+    torch.set_flush_denormal(True)
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    seen, held = split_combos(cfg.holdout_fraction, seed=cfg.seed)
+    train_cfg = TrainConfig(**{
+        "out": str(out / "train"), "model": "tiny", "num_workers": 0, "max_steps": 1_000_000,
+        "max_minutes": cfg.minutes, "budget_clock": "cpu", "ckpt_every": 500, "sample_every": 1000,
+        "threads": cfg.threads, "seed": cfg.seed, "progress": False, **cfg.train_args})
+    report: dict[str, Any] = {"config": dataclasses.asdict(cfg), "train_config": dataclasses.asdict(train_cfg),
+                              "held_out_combos": [list(c) for c in held]}
+
+    # 1. data
+    data = Path(cfg.data) if cfg.data else out / "data"
+    if not (data / "manifest.json").exists():
+        t0 = time.time()
+        resolution = train_cfg.model_args.get("resolution", 32)
+        write_scene_shards(data, list(range(cfg.train_scenes)), resolution, held, cfg.shard_size)
+        report["data_seconds"] = round(time.time() - t0, 1)
+        print(f"wrote {cfg.train_scenes} scenes to {data} in {report['data_seconds']} s", file=sys.stderr)
+    train_cfg.data = str(data)
+
+    # 2. train
+    if not cfg.skip_train:
+        t0 = time.time()
+        result = train(train_cfg)
+        report["train"] = {**result, "minutes": round((time.time() - t0) / 60, 2)}
+    report["loss_curve"] = plot_loss(out / "train" / "train_log.csv", out / "loss.png")
+
+    # 3. evaluate the EMA model
+    model = LayerDiffModel.from_pretrained(out / "train" / "model").eval()
+    res, k_max = model.config.resolution, model.config.max_layers
+    t0 = time.time()
+    for name, combos, seed0 in (("seen", seen, EVAL_SEED0), ("held_out", held, 2 * EVAL_SEED0)):
+        scenes = eval_scenes(combos, cfg.eval_scenes, res, k_max, seed0)
+        report[name], report[f"{name}_truth"] = evaluate(model, scenes, cfg, train_cfg.fg_fill,
+                                                         out / f"samples-{name}.png")
+    report["eval_minutes"] = round((time.time() - t0) / 60, 2)
+    report["pass"] = verdict(report["seen"], report["held_out"])
+    (out / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "fidelity.md").write_text(markdown(report))
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report's table (seen, held-out, truth ceiling, bar)."""
+    rows = ["| measure | seen | held-out | true layers (seen / held-out) | bar | met |", "|---|---|---|---|---|---|"]
+    for name in ("fg_colour", "shape", "background", "binarity", "outside_mask", "leak"):
+        op, bar = BARS.get(name, ("", None))
+        met = report["pass"].get(name, "")
+        rows.append(f"| {name} | {report['seen'][name]:.3f} | {report['held_out'][name]:.3f} | "
+                    f"{report['seen_truth'][name]:.3f} / {report['held_out_truth'][name]:.3f} | "
+                    f"{op} {bar if bar is not None else '-'} | {met} |")
+    rows.append(f"| held-out within {HELDOUT_GAP} of seen (fg colour, shape) | | | | | {report['pass']['heldout_gap']} |")
+    train = report.get("train", {})
+    rows.append("")
+    rows.append(f"steps {train.get('step', '?')}, {train.get('minutes', '?')} min training, "
+                f"eval {report['eval_minutes']} min; loss curve (step, loss): {report['loss_curve']}")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.fidelity", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults = FidelityConfig()
+    for f in dataclasses.fields(FidelityConfig):
+        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        if f.name == "train_args":
+            parser.add_argument("--train-arg", dest="train_args", action="append", default=[], metavar="KEY=VALUE",
+                                help="model.train option (JSON value), e.g. batch_size=48")
+        elif isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            parser.add_argument(flag, type={int: int, float: float}.get(type(default), str), default=default)
+    args = vars(parser.parse_args(argv))
+    train_args = {}
+    for item in args.pop("train_args"):
+        key, _, value = item.partition("=")
+        try:
+            train_args[key] = json.loads(value)
+        except json.JSONDecodeError:
+            train_args[key] = value
+    report = run(FidelityConfig(**args, train_args=train_args))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""LayerDiffModel: text encoder + prompt enhancer + layered UNet (+ VAE), its loss and its I/O."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from torch import nn
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from model.configuration import LayerDiffConfig, get_config
+from model.layers import compose, slot_prompt_index, slot_roles
+from model.modeling.layer_attention import LayerAdapter, LayeredUNet
+from model.modeling.prompt_enhancer import PromptEnhancer
+from model.modeling.text import build_text_encoder, build_word_tokenizer
+
+SUBFOLDERS = ("unet", "layer_adapter", "prompt_enhancer", "text_encoder", "tokenizer", "vae", "scheduler")
+
+
+def make_noise_scheduler(config: LayerDiffConfig) -> DDPMScheduler:
+    """The training noise schedule, as a diffusers scheduler (its config is what gets saved)."""
+    return DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule=config.beta_schedule,
+                         beta_start=config.beta_start, beta_end=config.beta_end,
+                         prediction_type=config.prediction_type,
+                         rescale_betas_zero_snr=config.zero_terminal_snr, clip_sample=False,
+                         timestep_spacing="trailing")
+
+
+class LayerDiffModel(nn.Module):
+    """LayerDiff on a diffusers UNet: layers (B, L, 3, H, W) in [-1, 1] <-> prompts.
+
+    Build with :meth:`from_config_name` ("tiny" or "sd15") or :meth:`from_pretrained`; train with
+    ``model(batch)`` (= :meth:`training_loss`, the form DDP wrappers need); sample with
+    :func:`model.sampling.ddim_sample`.
+    """
+
+    def __init__(self, config: LayerDiffConfig, unet: UNet2DConditionModel, adapter: LayerAdapter,
+                 prompt_enhancer: PromptEnhancer, text_encoder: CLIPTextModel, tokenizer: Any,
+                 vae: AutoencoderKL | None = None):
+        super().__init__()
+        if config.pixel_space != (vae is None):
+            raise ValueError("a pixel-space config takes no VAE; a latent config needs one")
+        if adapter.config.max_layers != config.max_layers:
+            raise ValueError(f"adapter max_layers {adapter.config.max_layers} != config {config.max_layers}")
+        self.config = config
+        self.unet = LayeredUNet(unet, adapter, config.patch_size)
+        self.prompt_enhancer = prompt_enhancer
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.vae = vae
+        self.noise_scheduler = make_noise_scheduler(config)
+        # Not a buffer: model.half() must not round alpha_bar (0.9991 and 0.9996 are one fp16 step apart).
+        self._alphas_cumprod = torch.as_tensor(self.noise_scheduler.alphas_cumprod, dtype=torch.float64)
+        self.register_buffer("slot_prompt_index", slot_prompt_index(config.max_layers), persistent=False)
+        self._check_shapes()
+        if vae is not None:
+            vae.requires_grad_(False)
+        text_encoder.requires_grad_(config.train_text_encoder)
+        unet.requires_grad_(config.train_unet)
+        self.train(False)
+
+    # ------------------------------------------------------------------ construction and I/O
+
+    @classmethod
+    def from_config_name(cls, name: str, **overrides: Any) -> LayerDiffModel:
+        """A new model from the preset ``name`` ("tiny" or "sd15") with config ``overrides``;
+        sd15 takes ``pretrained_path=`` (a local diffusers SD 1.5 folder, read offline)."""
+        return cls.from_config(get_config(name, **overrides))
+
+    @classmethod
+    def from_config(cls, config: LayerDiffConfig, device: str | torch.device | None = None) -> LayerDiffModel:
+        """Base components from ``config.pretrained_path`` if set, else built from the config's
+        architecture dicts with random weights; new modules zero-initialised. ``device="meta"`` builds
+        weightless (for parameter counts of an sd15 model without a checkpoint)."""
+        meta = device is not None and torch.device(device).type == "meta"
+        if config.tokenizer_type == "clip" and not config.pretrained_path and not meta:
+            raise ValueError(f"config {config.name!r} uses the CLIP tokenizer: give pretrained_path")
+        ctx = torch.device("meta") if meta else contextlib.nullcontext()
+        path = config.pretrained_path
+        with ctx:
+            if path:
+                kw = {"local_files_only": True}
+                dkw = {**kw, "low_cpu_mem_usage": False}  # no accelerate in the environment
+                unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **dkw)
+                text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
+                tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
+                vae = None if config.pixel_space else AutoencoderKL.from_pretrained(path, subfolder="vae", **dkw)
+            else:
+                unet = UNet2DConditionModel(**config.unet)
+                vae = None if config.pixel_space else AutoencoderKL(**config.vae)
+                if config.tokenizer_type == "words":
+                    tokenizer = build_word_tokenizer(config.max_text_length)
+                    text_encoder = build_text_encoder(tokenizer, config.max_text_length, **config.text_encoder)
+                else:  # meta only: the real CLIP vocabulary is needed to tokenise, not to count
+                    tokenizer = None
+                    text_encoder = CLIPTextModel(CLIPTextConfig(**config.text_encoder))
+            adapter = LayerAdapter.for_unet(unet, config.max_layers, config.inter_layer_heads,
+                                            config.inter_layer_ff_mult)
+            enhancer = PromptEnhancer(dim=text_encoder.config.hidden_size, num_layers=config.enhancer_layers,
+                                      num_heads=config.enhancer_heads, ff_mult=config.enhancer_ff_mult)
+            return cls(config, unet, adapter, enhancer, text_encoder, tokenizer, vae)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write every component to its subfolder (diffusers / transformers formats) + the config."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory)
+        self.unet.unet.save_pretrained(directory / "unet")
+        self.unet.adapter.save_pretrained(directory / "layer_adapter")
+        self.prompt_enhancer.save_pretrained(directory / "prompt_enhancer")
+        self.text_encoder.save_pretrained(directory / "text_encoder")
+        self.tokenizer.save_pretrained(directory / "tokenizer")
+        if self.vae is not None:
+            self.vae.save_pretrained(directory / "vae")
+        self.noise_scheduler.save_pretrained(directory / "scheduler")  # derived from the config
+        index = {"_class_name": type(self).__name__, "components": [s for s in SUBFOLDERS
+                                                                    if (directory / s).is_dir()]}
+        (directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, torch_dtype: torch.dtype | None = None) -> LayerDiffModel:
+        """Load a folder written by :meth:`save_pretrained` (offline)."""
+        directory = Path(directory)
+        config = LayerDiffConfig.load(directory)
+        kw: dict[str, Any] = {"local_files_only": True}
+        dkw = {**kw, "low_cpu_mem_usage": False}  # no accelerate in the environment
+        if torch_dtype is not None:  # diffusers says torch_dtype, transformers 4.57 dtype
+            kw["dtype"] = dkw["torch_dtype"] = torch_dtype
+        unet = UNet2DConditionModel.from_pretrained(directory / "unet", **dkw)
+        adapter = LayerAdapter.from_pretrained(directory / "layer_adapter", **dkw)
+        enhancer = PromptEnhancer.from_pretrained(directory / "prompt_enhancer", **dkw)
+        text_encoder = CLIPTextModel.from_pretrained(directory / "text_encoder", **kw)
+        tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer", local_files_only=True)
+        vae = None if config.pixel_space else AutoencoderKL.from_pretrained(directory / "vae", **dkw)
+        return cls(config, unet, adapter, enhancer, text_encoder, tokenizer, vae)
+
+    def _check_shapes(self) -> None:
+        unet_cfg = self.unet.unet.config
+        if unet_cfg.cross_attention_dim != self.text_encoder.config.hidden_size:
+            raise ValueError(f"UNet cross_attention_dim {unet_cfg.cross_attention_dim} != text encoder "
+                             f"hidden size {self.text_encoder.config.hidden_size}")
+        p = self.config.patch_size
+        channels, size = self.latent_shape[0] * p * p, self.latent_shape[1]
+        if unet_cfg.in_channels != channels or unet_cfg.out_channels != channels:
+            raise ValueError(f"UNet channels {unet_cfg.in_channels}/{unet_cfg.out_channels} != latent channels "
+                             f"x patch_size^2 = {channels}")
+        down = p * 2 ** (len(unet_cfg.block_out_channels) - 1)
+        if size % down:
+            raise ValueError(f"latent size {size} is not a multiple of the UNet's {down}x downsampling")
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def device(self) -> torch.device:
+        return self.slot_prompt_index.device
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """alpha_bar(t) for t = 0 .. T-1 (float64, CPU)."""
+        return self._alphas_cumprod
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.unet.dtype
+
+    @property
+    def num_slots(self) -> int:
+        return self.config.num_slots
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of one latent layer."""
+        size = self.config.resolution // self.vae_scale_factor
+        channels = 3 if self.vae is None else self.vae.config.latent_channels
+        return channels, size, size
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> LayerDiffModel:
+        super().train(mode)
+        if self.vae is not None:
+            self.vae.eval()  # frozen components stay in eval mode
+        if not self.config.train_text_encoder:
+            self.text_encoder.eval()
+        return self
+
+    # ------------------------------------------------------------------ text
+
+    def _encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """(N,) strings -> (N, T, D) token embeddings; identical strings are encoded once."""
+        unique = list(dict.fromkeys(texts))
+        ids = self.tokenizer(unique, padding="max_length", max_length=self.config.max_text_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        grad = self.config.train_text_encoder and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad):
+            hidden = self.text_encoder(ids)[0]
+        where = {text: i for i, text in enumerate(unique)}
+        return hidden[torch.tensor([where[t] for t in texts], device=hidden.device)]
+
+    def encode_prompts(self, prompt: Sequence[str], layer_prompts: Sequence[Sequence[str]]) -> torch.Tensor:
+        """Global prompts (B,) and layer prompts (B, 1 + K_max) -> cross-attention context (B, L, T, D).
+
+        Each layer prompt is enhanced with its sample's global prompt; slot l reads the prompt of its
+        layer (a mask shares its foreground's prompt).
+        """
+        b, p = len(prompt), 1 + self.config.max_layers
+        if len(layer_prompts) != b or any(len(lp) != p for lp in layer_prompts):
+            raise ValueError(f"layer_prompts must be {b} lists of {p} strings (background + K_max foregrounds)")
+        hidden = self._encode_texts(list(prompt) + [s for lp in layer_prompts for s in lp])
+        global_tokens = hidden[:b]
+        layer_tokens = hidden[b:].reshape(b, p, *hidden.shape[1:])
+        layer_tokens = self.prompt_enhancer(layer_tokens, global_tokens)
+        return layer_tokens[:, self.slot_prompt_index].to(self.dtype)
+
+    # ------------------------------------------------------------------ pixels <-> latents
+
+    def encode_layers(self, pixels: torch.Tensor, present: torch.Tensor,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, L, 3, H, W) in [-1, 1] -> (B, L, C, h, w) latents; absent slots are zero."""
+        pixels = pixels.to(self.device, self.dtype)
+        if self.vae is None:
+            return pixels * present.to(self.device)[..., None, None, None].to(pixels.dtype)
+        index = present.to(self.device).reshape(-1).nonzero().squeeze(1)
+        flat = pixels.reshape(-1, *pixels.shape[2:]).index_select(0, index)
+        with torch.no_grad():
+            dist = self.vae.encode(flat.to(self.vae.dtype)).latent_dist
+            z = dist.sample(generator)
+        z = (z - (self.vae.config.shift_factor or 0.0)) * self.vae.config.scaling_factor
+        out = z.new_zeros((pixels.shape[0] * pixels.shape[1], *z.shape[1:])).index_copy(0, index, z)
+        return out.reshape(*pixels.shape[:2], *z.shape[1:]).to(self.dtype)
+
+    def decode_layers(self, latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """(B, L, C, h, w) latents -> (B, L, 3, H, W) pixels (unclamped; differentiable); absent = 0."""
+        if self.vae is None:
+            return latents * present.to(latents.device)[..., None, None, None].to(latents.dtype)
+        index = present.to(latents.device).reshape(-1).nonzero().squeeze(1)
+        z = latents.reshape(-1, *latents.shape[2:]).index_select(0, index)
+        z = z / self.vae.config.scaling_factor + (self.vae.config.shift_factor or 0.0)
+        x = self.vae.decode(z.to(self.vae.dtype)).sample
+        out = x.new_zeros((latents.shape[0] * latents.shape[1], *x.shape[1:])).index_copy(0, index, x)
+        return out.reshape(*latents.shape[:2], *x.shape[1:])
+
+    # ------------------------------------------------------------------ diffusion
+
+    def _alpha(self, timesteps: torch.Tensor, ndim: int) -> torch.Tensor:
+        """alpha_bar at ``timesteps`` as float32, shaped to broadcast against an ``ndim`` tensor."""
+        a = self._alphas_cumprod[timesteps.cpu()].to(device=timesteps.device, dtype=torch.float32)
+        return a.reshape(-1, *([1] * (ndim - 1)))
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        a = self._alpha(timesteps, x0.ndim).to(x0.dtype)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the UNet is trained to output: v = sqrt(a) eps - sqrt(1 - a) x0, or eps."""
+        if self.config.prediction_type == "epsilon":
+            return noise
+        a = self._alpha(timesteps, x0.ndim).to(x0.dtype)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+    def predict_x0_eps(self, x_t: torch.Tensor, model_output: torch.Tensor, alpha: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) estimates from the UNet output; ``alpha`` broadcasts against x_t."""
+        sa, s1a = alpha.sqrt(), (1 - alpha).sqrt()
+        if self.config.prediction_type == "epsilon":
+            eps = model_output
+            return (x_t - s1a * eps) / sa.clamp_min(1e-4), eps
+        return sa * x_t - s1a * model_output, s1a * x_t + sa * model_output
+
+    def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor | int, context: torch.Tensor,
+                present: torch.Tensor) -> torch.Tensor:
+        """The layered UNet's raw output (v or eps) for noisy latents (B, L, C, h, w)."""
+        return self.unet(x_t.to(self.dtype), timesteps, context, present)
+
+    def training_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None
+                      ) -> dict[str, torch.Tensor]:
+        """Diffusion loss over the present layers of a training batch (see model/README.md).
+
+        Returns ``loss`` (scalar, differentiable) and detached diagnostics: ``loss_diffusion``,
+        ``loss_bg`` / ``loss_fg`` / ``loss_mask`` (per-role MSE) and ``loss_composite`` when used.
+        """
+        present = batch["present"].to(self.device, torch.bool)
+        _check_present(present, self.config.max_layers)
+        x0 = self.encode_layers(batch["layers"], present, generator)
+        b = x0.shape[0]
+        gen_device = generator.device if generator is not None else self.device
+        t = torch.randint(0, self.config.num_train_timesteps, (b,), generator=generator, device=gen_device)
+        noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype)
+        t, noise = t.to(self.device), noise.to(self.device)
+        x_t = self.add_noise(x0, noise, t)
+        context = self.encode_prompts(batch["prompt"], batch["layer_prompts"])
+        pred = self.predict(x_t, t, context, present).float()
+
+        weight = present.float()[..., None, None, None]
+        per_elem = (pred - self.target(x0, noise, t).float()) ** 2 * weight
+        numel = x0[0, 0].numel()
+        loss = per_elem.sum() / (weight.sum() * numel)
+        out = {"loss_diffusion": loss.detach()}
+        per_slot = per_elem.sum(dim=(2, 3, 4)) / numel  # (B, L)
+        roles = slot_roles(self.config.max_layers).to(self.device)
+        for name, role in (("bg", 0), ("fg", 1), ("mask", 2)):
+            sel = present & (roles == role)
+            out[f"loss_{name}"] = (per_slot[sel].sum() / sel.sum().clamp_min(1)).detach()
+
+        if self.config.composite_loss_weight > 0:
+            a = self._alpha(t, x0.ndim)
+            x0_hat, _ = self.predict_x0_eps(x_t.float(), pred, a)
+            pixels_hat = self.decode_layers(x0_hat.to(self.dtype), present).float()
+            pixels = batch["layers"].to(self.device, torch.float32)
+            err = (compose(pixels_hat, present) - compose(pixels, present)) ** 2
+            # Weighted by alpha_bar: near pure noise the x0 estimate is a blurred mean by design.
+            composite = (err.mean(dim=(1, 2, 3)) * a.reshape(-1)).mean()
+            out["loss_composite"] = composite.detach()
+            loss = loss + self.config.composite_loss_weight * composite
+        out["loss"] = loss
+        return out
+
+    def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Same as :meth:`training_loss`; call the model itself when it is wrapped in DDP."""
+        return self.training_loss(batch, generator)
+
+
+def _check_present(present: torch.Tensor, max_layers: int) -> None:
+    """The layout rule: background present; fg n and mask n together; fgs 0..K-1 without gaps."""
+    if present.ndim != 2 or present.shape[1] != 1 + 2 * max_layers:
+        raise ValueError(f"present must be (B, {1 + 2 * max_layers}), got {tuple(present.shape)}")
+    fg, mask = present[:, 1 : 1 + max_layers], present[:, 1 + max_layers :]
+    if not bool(present[:, 0].all()) or not torch.equal(fg, mask):
+        raise ValueError("present: background must be present and mask n present iff foreground n is")
+    if bool((fg[:, 1:] & ~fg[:, :-1]).any()):
+        raise ValueError("present: foregrounds must be 0..K-1 without gaps")
+

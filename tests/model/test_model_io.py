@@ -1,0 +1,100 @@
+"""Loss, configs and the save_pretrained / from_pretrained round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import LayerDiffConfig, LayerDiffModel, get_config
+from model.sampling import ddim_sample
+from tests.model.batches import make_batch
+
+
+def test_training_loss_keys_and_backward(tiny_model: LayerDiffModel) -> None:
+    tiny_model.train()
+    out = tiny_model.training_loss(make_batch([1, 2, 3]), torch.Generator().manual_seed(0))
+    assert {"loss", "loss_diffusion", "loss_bg", "loss_fg", "loss_mask"} <= set(out)
+    assert out["loss"].ndim == 0 and out["loss"].requires_grad and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert all(p.grad is not None for p in tiny_model.unet.unet.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_model.text_encoder.parameters())
+
+
+def test_training_loss_is_reproducible_and_ignores_padding(tiny_model: LayerDiffModel) -> None:
+    batch = make_batch([1, 2])
+    a = tiny_model.training_loss(batch, torch.Generator().manual_seed(3))["loss"]
+    batch["layers"][~batch["present"]] = 0.7  # padding values must not matter
+    b = tiny_model.training_loss(batch, torch.Generator().manual_seed(3))["loss"]
+    assert torch.equal(a, b)
+
+
+def test_v_target_and_x0_recovery(tiny_model: LayerDiffModel) -> None:
+    x0, noise = torch.randn(2, 7, 3, 4, 4), torch.randn(2, 7, 3, 4, 4)
+    t = torch.tensor([10, 999])
+    x_t = tiny_model.add_noise(x0, noise, t)
+    v = tiny_model.target(x0, noise, t)
+    x0_hat, eps_hat = tiny_model.predict_x0_eps(x_t, v, tiny_model._alpha(t, 5))
+    torch.testing.assert_close(x0_hat, x0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(eps_hat, noise, atol=1e-4, rtol=1e-4)
+    assert float(tiny_model.alphas_cumprod[-1]) == 0.0  # zero terminal SNR: t = T-1 is pure noise
+
+
+def test_composite_term_and_epsilon_option() -> None:
+    model = LayerDiffModel.from_config_name("tiny", composite_loss_weight=0.5, prediction_type="epsilon",
+                                            zero_terminal_snr=False)
+    out = model.training_loss(make_batch([2, 3]), torch.Generator().manual_seed(0))
+    assert "loss_composite" in out and out["loss"] > out["loss_diffusion"]
+    out["loss"].backward()
+
+
+def test_present_layout_is_checked(tiny_model: LayerDiffModel) -> None:
+    batch = make_batch([2])
+    batch["present"][0, 5] = False  # fg 1 without its mask
+    with pytest.raises(ValueError, match="mask n present iff"):
+        tiny_model.training_loss(batch)
+
+
+def test_config_presets_overrides_and_round_trip(tmp_path: Path) -> None:
+    cfg = get_config("tiny", max_layers=2, unet={"block_out_channels": [32, 32, 64]})
+    assert cfg.num_slots == 5 and cfg.unet["block_out_channels"] == [32, 32, 64]
+    assert cfg.unet["layers_per_block"] == 1  # dict overrides merge
+    cfg.save(tmp_path)
+    assert LayerDiffConfig.load(tmp_path) == cfg
+    sd = get_config("sd15", pretrained_path="/x")
+    assert (sd.resolution, sd.pixel_space, sd.max_layers, sd.prediction_type) == (512, False, 3, "epsilon")
+    with pytest.raises(ValueError, match="unknown"):
+        get_config("tiny", nonsense=1)
+    with pytest.raises(ValueError, match="zero_terminal_snr"):
+        get_config("tiny", prediction_type="epsilon")
+    with pytest.raises(ValueError, match="pretrained_path"):
+        LayerDiffModel.from_config_name("sd15")
+
+
+def test_max_layers_two_model_runs() -> None:
+    model = LayerDiffModel.from_config_name("tiny", max_layers=2)
+    batch = make_batch([1, 2])
+    batch = {**batch, "layers": batch["layers"][:, [0, 1, 2, 4, 5]], "present": batch["present"][:, [0, 1, 2, 4, 5]],
+             "layer_prompts": [lp[:3] for lp in batch["layer_prompts"]]}
+    assert torch.isfinite(model.training_loss(batch)["loss"])
+
+
+def test_save_load_round_trip_identical(active_model: LayerDiffModel, tmp_path: Path) -> None:
+    batch = make_batch([1, 3])
+    active_model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "unet" / "config.json").is_file()
+    loaded = LayerDiffModel.from_pretrained(tmp_path / "m")
+    assert loaded.config == active_model.config
+    sd_a, sd_b = active_model.state_dict(), loaded.state_dict()
+    assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    for m in (active_model, loaded):
+        m.eval()
+    with torch.no_grad():
+        la = active_model.training_loss(batch, torch.Generator().manual_seed(1))["loss"]
+        lb = loaded.training_loss(batch, torch.Generator().manual_seed(1))["loss"]
+    assert torch.equal(la, lb)
+    args = (["a red circle"] * 2, batch["layer_prompts"], batch["present"])
+    sa = ddim_sample(active_model, *args, num_steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    sb = ddim_sample(loaded, *args, num_steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sa, sb)
