@@ -146,16 +146,18 @@ class WarmupCosine:
     """LR multiplier: linear warmup, then cosine decay to ``min_ratio`` at ``total_steps``.
 
     Under a time budget the loop sets ``time_fraction`` (the share of the budget used) before each
-    step, and the cosine follows whichever of steps and time is further along.
+    step; warmup then ends by ``warmup_fraction`` of the budget at the latest, and the cosine
+    follows whichever of steps and time is further along.
     """
 
-    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float) -> None:
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float, warmup_fraction: float = 0.05) -> None:
         self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
-        self.time_fraction = 0.0
+        self.warmup_fraction, self.time_fraction = warmup_fraction, 0.0
 
     def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / (self.warmup_steps + 1)
+        warm = max((step + 1) / (self.warmup_steps + 1), self.time_fraction / self.warmup_fraction)
+        if warm < 1:
+            return warm
         progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
         progress = min(1.0, max(progress, self.time_fraction))
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -300,7 +302,8 @@ def train_step(state: TrainState, loss_module: nn.Module, batches: Iterator[dict
         batch = to_device(next(batches), device)
         last = micro == cfg.grad_accum - 1
         sync = contextlib.nullcontext() if (last or not ddp) else loss_module.no_sync()
-        with sync, torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+        with sync, autocast:
             out = loss_module(batch, generator=state.generator)
             loss = out["loss"] / cfg.grad_accum
         (scaler.scale(loss) if scaler else loss).backward()
@@ -479,6 +482,10 @@ def run_ray(cfg: TrainConfig) -> dict[str, Any]:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
+        if cfg.ray_address is None and "RAY_ADDRESS" not in os.environ:
+            # A Ray we start here runs its workers at niceness 0, not Ray's default 15: the training
+            # worker is the work, and at 15 any other load on the machine starves it.
+            os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address=cfg.ray_address, include_dashboard=False,  # no dashboard: quiet its state-API polling
                  logging_config=ray.LoggingConfig(log_level="ERROR"))
     trainer = TorchTrainer(

@@ -48,6 +48,11 @@ from datagen.stages.base import Stage
 EXACT, ROUGH = "exact", "rough"
 
 
+# RGB -> (Y, Cb, Cr) without offsets (BT.601, as JPEG).
+_YCC = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]],
+                np.float32)
+
+
 def _u8(mask: np.ndarray) -> np.ndarray:
     return np.where(mask, 255, 0).astype(np.uint8)
 
@@ -117,6 +122,16 @@ class ContrastParams:
     min_explained: float = 0.9  # objects must cover this share of the candidate pixels
     edge_px: int = 2  # object edge pixels off the background colours, this close, join it
     edge_tolerance: float = 12.0  # "off the background colours": farther than this (RGB)
+    # Blurred edges (JPEG ringing and chroma bleed, resampling) are bands of colours between an
+    # object's and its neighbour's (background or another object). Such a band is no object:
+    edge_band_frac: float = 0.025  # its pixels lie this close to an object (share of the side,
+    # at least edge_px + 1 px; 6 px at 256: a 96-px JPEG upscaled to 256 bleeds ~5 px) ...
+    edge_band_share: float = 0.9  # ... nearly all of them (this share) ...
+    mix_tolerance: float = 8.0  # ... and their colours are mixes: this close (median, in YCbCr)
+    # to a mix of the object's colour and its neighbour's, with one weight in luma and another
+    # in chroma (JPEG subsamples chroma) and overshoot (ringing) allowed, and under half their
+    # distance to their own flat colour (a hard-edged sliver of a real object is not an edge).
+    # When the caption names colours, a thin uncaptioned-colour cluster there is edge anyway.
     max_roughness: float = 2.5  # contour length / hull perimeter of a compact object
     fallback: bool = True  # photos: one object from the most distinct region
     fallback_min_share: float = 0.01  # the candidates, and the region, must cover at least
@@ -355,7 +370,7 @@ class ContrastGround(Stage):
         p: ContrastParams = self.params
         if not 0 < share <= p.max_candidate_share:
             return False
-        objects = self._split(item.image, cand, item.phrases)
+        objects = self._split(item.image, cand, dist, item.phrases)
         explained = sum(int(m.sum()) for m, _ph, _c in objects) / max(int(cand.sum()), 1)
         if not (0 < len(objects) <= p.max_objects and explained >= p.min_explained
                 and all(_roughness(m) <= p.max_roughness for m, _ph, _c in objects)):
@@ -383,7 +398,7 @@ class ContrastGround(Stage):
         item.detections = sorted(dets, key=lambda d: d.extra["depth"])
         return True
 
-    def _split(self, image: np.ndarray, cand: np.ndarray,
+    def _split(self, image: np.ndarray, cand: np.ndarray, dist: np.ndarray,
                phrases: list[str]) -> list[tuple[np.ndarray, str, str]]:
         """Candidate pixels split by colour into (mask, phrase, colour name) objects."""
         p: ContrastParams = self.params
@@ -432,7 +447,155 @@ class ContrastGround(Stage):
                     phrase = next((ph for ph in colourless if ph not in used), f"{colour} object")
             used.add(phrase)
             objects.append((mask, phrase, colour))
-        return objects
+        named = {ph for ph, _c in coloured}
+        return self._absorb_edges(image, cand, dist, objects,
+                                  [bool(coloured) and ph in named for _m, ph, _c in objects],
+                                  bool(coloured))
+
+    def _absorb_edges(self, image: np.ndarray, cand: np.ndarray, dist: np.ndarray,
+                      objects: list[tuple[np.ndarray, str, str]], named: list[bool],
+                      caption_colours: bool) -> list[tuple[np.ndarray, str, str]]:
+        """Blurred edges join the object they belong to instead of being objects or left over.
+
+        A JPEG or resampled image has, around each object, a band of colours between the
+        object's and its neighbour's (with ringing beyond both); colour clustering makes
+        spurious thin "ring" objects of it, or leaves it unexplained. An object (largest first)
+        whose pixels lie nearly all within a thin band along the other objects' outlines is
+        their edge when, the caption naming colours, its own colour is not named, or else when
+        its colours are mixes of the nearest object's and a neighbour's (and are told better
+        so than by its own flat colour). So is such a separate piece of a kept object (edge
+        colours close to a named colour), when its colours are such mixes. These pixels, and
+        the unclustered candidate pixels in such bands whose colours are mixes (and no object's
+        own), join the nearest kept object. Hard-edged images have no mixed colours: nothing
+        changes there.
+        """
+        p: ContrastParams = self.params
+        taken = np.zeros(cand.shape, bool)
+        for m, _ph, _c in objects:
+            taken |= m
+        give = cand & ~taken  # unclustered candidates
+        if not objects or (len(objects) == 1 and not give.any()):
+            return objects
+        h, w = cand.shape
+        band = max(p.edge_px + 1, round(p.edge_band_frac * min(h, w)))
+        far = np.float32(4 * band)  # distances are clipped to this
+
+        def near(m: np.ndarray) -> np.ndarray:
+            """Distance to the mask, computed only around it (cheap on big images)."""
+            ys, xs = np.nonzero(m)
+            out = np.full((h, w), far, np.float32)
+            if not len(ys):
+                return out
+            y0, x0 = max(0, ys.min() - 4 * band), max(0, xs.min() - 4 * band)
+            y1, x1 = min(h, ys.max() + 4 * band + 1), min(w, xs.max() + 4 * band + 1)
+            out[y0:y1, x0:x1] = np.minimum(cv2.distanceTransform(
+                (~m[y0:y1, x0:x1]).astype(np.uint8), cv2.DIST_L2, 3), far)
+            return out
+
+        masks = [m for m, _ph, _c in objects]
+        pieces = [cv2.connectedComponents(m.astype(np.uint8), connectivity=8) for m in masks]
+        if not give.any() and all(n < 3 for n, _lab in pieces) and all(named):
+            return objects  # hard edges: nothing to do
+        dists = {k: near(m) for k, m in enumerate(masks)}
+        colours = {k: np.array(cv2.mean(image, m.astype(np.uint8))[:3], np.float32)
+                   for k, m in enumerate(masks)}
+
+        def is_edge(piece: np.ndarray, own: np.ndarray, others: list[int], by_caption: bool) -> bool:
+            ys, xs = np.nonzero(piece)
+            d = np.stack([dists[j][ys, xs] for j in others])
+            if (d.min(0) <= band).mean() < p.edge_band_share:
+                return False
+            if by_caption:
+                return True
+            # Mixes, and better told as mixes than as the flat colour ``own`` (a hard-edged
+            # sliver of a real object is its own colour exactly).
+            mix = float(np.median(self._mixes(image, dist, [colours[j] for j in others],
+                                              d.argmin(0), ys, xs, band)))
+            flat = float(np.median(np.linalg.norm((image[ys, xs] - own) @ _YCC.T, axis=1)))
+            return mix <= p.mix_tolerance and mix < 0.5 * flat
+
+        kept = list(range(len(objects)))
+        for k in sorted(kept, key=lambda k: -int(masks[k].sum())):
+            others = [j for j in kept if j != k]
+            if others and not named[k] and is_edge(masks[k], colours[k], others, caption_colours):
+                give = give | masks[k]
+                kept.remove(k)
+        for k in kept if len(kept) > 1 else []:
+            n, lab = pieces[k]
+            if n < 3:
+                continue  # one piece: the object itself
+            others = [j for j in kept if j != k]
+            edge = [piece for i in range(1, n)
+                    if is_edge(piece := lab == i, colours[k], others, False)]
+            if len(edge) < n - 1:  # never all of it
+                for piece in edge:
+                    masks[k] = masks[k] & ~piece
+                    give |= piece
+                if edge:
+                    dists[k] = near(masks[k])
+        if not give.any():
+            return objects
+        ys, xs = np.nonzero(give)
+        d = np.stack([dists[k][ys, xs] for k in kept])
+        owner, closest = d.argmin(0), d.min(0)
+        # Edge pieces come whole (their few pixels past the band too); loose pixels in the band
+        # when their colours are mixes (in photos they are often other things: chrome, shadow).
+        whole = taken[ys, xs]  # from edge objects and pieces
+        ok = (closest <= band) | (whole & (closest <= 2 * band))
+        out = []
+        for i, k in sorted(enumerate(kept), key=lambda ik: ik[1]):
+            m = masks[k].copy()
+            test = ok & ~whole & (owner == i)
+            if test.any():
+                mix = self._mixes(image, dist, [colours[j] for j in kept], owner[test],
+                                  ys[test], xs[test], band)
+                # Not an object's own colour (a speck dropped from it: the edge join's business).
+                flat = np.min([np.linalg.norm((image[ys[test], xs[test]] - colours[j]) @ _YCC.T, axis=1)
+                               for j in kept], axis=0)
+                ok[test] = (mix <= p.mix_tolerance) & (mix < 0.5 * flat)
+            sel = ok & (owner == i)
+            m[ys[sel], xs[sel]] = True
+            out.append((m, objects[k][1], objects[k][2]))
+        return out
+
+    def _mixes(self, image: np.ndarray, dist: np.ndarray, colours: list[np.ndarray],
+               owner: np.ndarray, ys: np.ndarray, xs: np.ndarray, band: int) -> np.ndarray:
+        """Distance (YCbCr) of each of these pixels' colours to the nearest mix (overshoot allowed)
+        of their owner's colour (``colours[owner]``) and a neighbour's: a clear background colour
+        found near them (several on a textured background) or another owner's colour."""
+        h, w = dist.shape
+        r = 2 * band
+        y0, x0 = max(0, ys.min() - r), max(0, xs.min() - r)
+        y1, x1 = min(h, ys.max() + r + 1), min(w, xs.max() + r + 1)
+        near = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        near[ys - y0, xs - x0] = 1
+        near = cv2.dilate(near, np.ones((2 * r + 1, 2 * r + 1), np.uint8)) > 0
+        around = near & (dist[y0:y1, x0:x1] <= self.params.edge_tolerance)
+        ends = list(colours)
+        if around.any():  # the commonest clear background colours near the pixels (up to 6)
+            bg = image[y0:y1, x0:x1][around]
+            q = (bg // 16).astype(np.int32)
+            idx = (q[:, 0] * 16 + q[:, 1]) * 16 + q[:, 2]
+            counts = np.bincount(idx, minlength=4096)
+            top = np.argsort(-counts)[:6]
+            top = top[counts[top] > 0]
+            sums = np.stack([np.bincount(idx, bg[:, c].astype(np.float64), minlength=4096)[top]
+                             for c in range(3)], 1)
+            ends += list((sums / counts[top, None]).astype(np.float32))
+        # In luma/chroma: JPEG blurs chroma more than luma (subsampling), so an edge pixel mixes
+        # the two ends with one weight in luma and another in chroma.
+        x = image[ys, xs].astype(np.float32) @ _YCC.T
+        a = np.stack(colours)[owner] @ _YCC.T
+        best = np.full(len(x), np.inf, np.float32)
+        for end in ends:
+            b = np.asarray(end, np.float32) @ _YCC.T
+            res = np.zeros(len(x), np.float32)
+            for ch in (slice(0, 1), slice(1, 3)):
+                ab, xb = a[:, ch] - b[ch], x[:, ch] - b[ch]
+                t = np.clip((xb * ab).sum(1) / np.maximum((ab * ab).sum(1), 1e-6), -0.25, 1.25)
+                res += ((xb - t[:, None] * ab) ** 2).sum(1)
+            best = np.minimum(best, np.sqrt(res))
+        return best
 
     def _most_distinct(self, dist: np.ndarray, h: int, w: int) -> tuple[np.ndarray, float] | None:
         """The photo fallback: the region that stands out most from the border's colours."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,13 @@ def test_ddp_two_cpu_workers_on_ray_train(tiny_data: Path, tmp_path: Path) -> No
     assert result["step"] == 2 and result["world_size"] == 2 and result["ranks_in_sync"]
     assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step-00000002.pt"]
     assert _log_steps(out) == [1, 2]
+
+
+def test_warmup_cosine_follows_steps_or_time_budget() -> None:
+    from model.train import WarmupCosine
+
+    s = WarmupCosine(warmup_steps=10, total_steps=110, min_ratio=0.1)
+    assert s(0) == pytest.approx(1 / 11) and s(10) == pytest.approx(1.0)
+    assert s(60) == pytest.approx(0.55) and s(110) == pytest.approx(0.1) and s(500) == pytest.approx(0.1)
+    s.time_fraction = 0.5  # half the time budget used: past warmup, halfway down the cosine
+    assert s(0) == pytest.approx(0.55) and s(100) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.9)))
