@@ -81,3 +81,21 @@ $(TINY_WEIGHTS)/.built: $(STAMP) $(wildcard datagen/tiny_weights/*.py)
 score: setup
 	$(PY) -m datagen.score --size 256 --n 100
 	$(PY) -m datagen.score --size 512 --n 100 --no-photos
+
+# Train LayerDiff (tiny config, CPU) on what `make dataset` produced; a time budget keeps it under
+# 10 minutes on 2 cores. Checkpoints, sample grids, train_log.csv and TensorBoard events go to RUN.
+DATA ?= data
+RUN ?= runs/tiny
+TRAIN_MINUTES ?= 8
+TRAIN_ARGS ?=
+.PHONY: train generate
+train: setup
+	$(PY) -m model.train --data $(DATA) --out $(RUN) --max-minutes $(TRAIN_MINUTES) $(TRAIN_ARGS)
+
+# Generate layers (bg, fg.N, mask.N, composite, .ora) with the trained model. LAYERS: 'fg0|fg1|...'.
+PROMPT ?= a red circle and a blue square on a green background
+LAYERS ?=
+GENERATE_ARGS ?=
+generate: setup
+	$(PY) -m model.generate --model $(RUN)/model --prompt "$(PROMPT)" $(if $(LAYERS),--layers "$(LAYERS)") \
+		--out $(if $(OUT),$(OUT),samples) $(GENERATE_ARGS)
