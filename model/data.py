@@ -39,7 +39,7 @@ from scipy import ndimage
 
 from datagen.format import DATASET_SCHEMA, LayerSample
 
-FG_FILLS = ("nearest", "mean", "gray", "zero")
+FG_FILLS = ("nearest", "mean", "contrast", "gray", "zero")
 PAD_FOREGROUND = 0.0  # value of an absent foreground layer, in [-1, 1]
 PAD_MASK = -1.0  # value of an absent mask layer: empty
 
@@ -227,8 +227,10 @@ def layer_prompts(sample: LayerSample) -> list[str]:
 def fill_outside(fg: torch.Tensor, inside: torch.Tensor, mode: str) -> torch.Tensor:
     """Colour a (3, H, W) foreground in [0, 1] outside the boolean (H, W) mask ``inside``.
 
-    "nearest": the colour of the nearest inside pixel; "mean": the mean inside colour; "gray": 0.5;
-    "zero": 0 (as stored). An empty mask leaves ``fg`` as it is.
+    "nearest": the colour of the nearest inside pixel; "mean": the mean inside colour; "contrast":
+    black or white, whichever is further from the object's mean luminance (the layer then shows
+    the shape, and no object colour vanishes into its fill); "gray": 0.5; "zero": 0 (as stored).
+    An empty mask leaves ``fg`` as it is.
     """
     if mode not in FG_FILLS:
         raise ValueError(f"fg_fill {mode!r}: choose one of {FG_FILLS}")
@@ -238,8 +240,11 @@ def fill_outside(fg: torch.Tensor, inside: torch.Tensor, mode: str) -> torch.Ten
         return torch.where(inside, fg, torch.full_like(fg, 0.5))
     if not bool(inside.any()):
         return fg
-    if mode == "mean":
+    if mode in ("mean", "contrast"):
         mean = fg[:, inside].mean(dim=1)
+        if mode == "contrast":
+            luminance = float(mean @ torch.tensor([0.299, 0.587, 0.114]))
+            mean = torch.full_like(mean, 0.0 if luminance > 0.5 else 1.0)
         return torch.where(inside, fg, mean[:, None, None].expand_as(fg))
     _, (iy, ix) = ndimage.distance_transform_edt(~inside.numpy(), return_indices=True)
     return fg[:, torch.from_numpy(iy), torch.from_numpy(ix)]

@@ -64,6 +64,7 @@ class FidelityConfig:
     seed: int = 0
     guidance_scale: float = 3.0
     sample_steps: int = 25
+    eta: float = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like
     eval_batch: int = 32
     threads: int = 1
     data: str | None = None  # existing shards (else generated under OUT/data)
@@ -216,7 +217,8 @@ def evaluate(model: Any, scenes: Sequence[Any], cfg: FidelityConfig, fg_fill: st
         present = torch.stack([e["present"] for e in chunk])
         with torch.no_grad():
             layers = ddim_sample(model, [e["prompt"] for e in chunk], [e["layer_prompts"] for e in chunk], present,
-                                 num_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, generator=generator)
+                                 num_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, generator=generator,
+                                 eta=cfg.eta)
         for i, ex in enumerate(chunk):
             scene = scenes[start + i]
             records.append(score_sample(layers[i], ex["present"], scene, fg_fill))

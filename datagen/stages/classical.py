@@ -4,14 +4,16 @@
   background phrase.
 - ground ``contrast``: a background colour model learnt from the image border; pixels far from
   it are foreground candidates, split into objects by colour (the caption's colour words lead
-  when it has them) and connected components. When the candidates are not a few compact
-  objects (typical of photos) it falls back to one object, the most distinct region.
+  when it has them) and connected components; blurred edges (JPEG ringing and chroma bleed,
+  resampling: thin bands of colours mixing an object's and its neighbour's) join their object
+  instead of becoming objects. When the candidates are not a few compact objects (typical of
+  photos) it falls back to one object, the most distinct region.
 - segment ``grabcut``: OpenCV GrabCut from each box, seeded with the candidate mask.
 - inpaint ``opencv``: fills the union of the masks grown by a few pixels, choosing per hole the
   fill (Telea, Navier-Stokes, a smooth polynomial, a copy of the repeating pattern) that best
   rebuilds known background around the hole.
 
-Measured facts behind these choices are in /work/shared/REFERENCE.md and BENCHMARKS.score.md.
+Measured facts behind these choices are in the project's reference notes and BENCHMARKS.md (decomposition quality).
 
 Rejections are made where the evidence is, with a specific reason: ground rejects "no
 foreground found (...)" (nothing differs from the border colours, or no compact objects and no
