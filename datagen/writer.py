@@ -26,12 +26,12 @@ def shard_name(shard: int) -> str:
     return f"{shard:06d}"
 
 
-def tar_path(out: Path, shard: int) -> Path:
-    return out / "shards" / f"{shard_name(shard)}.tar"
+def tar_path(out: str | Path, shard: int) -> Path:
+    return Path(out) / "shards" / f"{shard_name(shard)}.tar"
 
 
-def manifest_path(out: Path, shard: int) -> Path:
-    return out / "manifests" / f"{shard_name(shard)}.json"
+def manifest_path(out: str | Path, shard: int) -> Path:
+    return Path(out) / "manifests" / f"{shard_name(shard)}.json"
 
 
 class _HashingFile(io.RawIOBase):

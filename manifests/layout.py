@@ -14,25 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from datagen.writer import manifest_path, shard_name, tar_path  # noqa: F401 - the writer owns the layout
+
 SHARDS_DIR = "shards"
 MANIFESTS_DIR = "manifests"
 INDEX_NAME = "manifest.json"
 TAR_NAME = re.compile(r"^([0-9]{6,})\.tar$")
 MANIFEST_NAME = re.compile(r"^([0-9]{6,})\.json$")
 TEMP_MARK = ".tmp"
-
-
-def shard_name(shard: int) -> str:
-    """The zero-padded stem of shard ``shard``'s files: 7 -> ``000007``."""
-    return f"{shard:06d}"
-
-
-def tar_path(out: str | Path, shard: int) -> Path:
-    return Path(out) / SHARDS_DIR / f"{shard_name(shard)}.tar"
-
-
-def manifest_path(out: str | Path, shard: int) -> Path:
-    return Path(out) / MANIFESTS_DIR / f"{shard_name(shard)}.json"
 
 
 def index_path(out: str | Path) -> Path:

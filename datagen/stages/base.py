@@ -136,3 +136,24 @@ def params_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
     if unknown:
         raise ValueError(f"{where}.{unknown[0]}: unknown key (known: {sorted(fields)})")
     return cls(**values)
+
+
+class ImageCaptioner(Stage):
+    """A caption backend: ``caption_images`` captions a batch of images; ``process`` sets the
+    global caption of each item (keeping a source caption when ``params.keep_source_caption``)."""
+
+    stage = "caption"
+
+    def caption_images(self, images: list[np.ndarray]) -> list[str]:
+        raise NotImplementedError
+
+    def process(self, items: list[Item]) -> None:
+        todo = [it for it in items if not (getattr(self.params, "keep_source_caption", False) and it.caption)]
+        for it in todo:
+            if it.image is None:
+                raise ValueError(f"{it.key}: no decoded image")
+        for it, caption in zip(todo, self.caption_images([it.image for it in todo]), strict=True):
+            if caption:
+                it.caption = caption
+            else:  # nothing to ground: the later stages would only waste time on it
+                it.reject(self.stage, "empty caption")

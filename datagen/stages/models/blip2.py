@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from datagen.item import Item
 from datagen.registry import register
-from datagen.stages.base import Stage, StageContext, file_sha256
+from datagen.stages.base import ImageCaptioner, StageContext, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +103,7 @@ class Blip2Params:
 
 
 @register
-class Blip2Caption(Stage):
+class Blip2Caption(ImageCaptioner):
     """Global caption of each item; also an in-process captioner of arbitrary images."""
 
     stage = "caption"
@@ -215,16 +214,6 @@ class Blip2Caption(Stage):
         texts = self.processor.batch_decode(out, skip_special_tokens=True)
         return [t.strip() for t in texts]
 
-    def process(self, items: list[Item]) -> None:
-        todo = [it for it in items if not (self.params.keep_source_caption and it.caption)]
-        for it in todo:
-            if it.image is None:
-                raise ValueError(f"{it.key}: no decoded image")
-        for it, caption in zip(todo, self.caption_images([it.image for it in todo]), strict=True):
-            if caption:
-                it.caption = caption
-            else:  # nothing to ground: the later stages would only waste time on it
-                it.reject(self.stage, "empty caption")
 
 
 def _to_pil(image: np.ndarray):  # -> PIL.Image.Image

@@ -30,9 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from datagen.item import Item
 from datagen.registry import register
-from datagen.stages.base import Stage, StageContext, file_sha256
+from datagen.stages.base import ImageCaptioner, StageContext, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +294,7 @@ def build_model(spec: ModelSpec, device: str, allow_pickle: bool = False, load_w
 
 
 @register
-class LavisCaption(Stage):
+class LavisCaption(ImageCaptioner):
     """Global caption of each item with a LAVIS captioning model (BLIP-2 OPT/T5 or BLIP)."""
 
     stage = "caption"
@@ -381,13 +380,3 @@ class LavisCaption(Stage):
             )
         return [c.strip() for c in captions]
 
-    def process(self, items: list[Item]) -> None:
-        todo = [it for it in items if not (self.params.keep_source_caption and it.caption)]
-        for it in todo:
-            if it.image is None:
-                raise ValueError(f"{it.key}: no decoded image")
-        for it, caption in zip(todo, self.caption_images([it.image for it in todo]), strict=True):
-            if caption:
-                it.caption = caption
-            else:  # nothing to ground: the later stages would only waste time on it
-                it.reject(self.stage, "empty caption")
