@@ -34,6 +34,7 @@ MIN_VISIBLE = 0.5  # every layer keeps at least this share of its area visible
 NOISE_SIGMA = 3.0  # the "noise" background: mild per-pixel Gaussian noise
 _CHECK_RES = 128  # placements are checked at a fixed resolution so every size agrees
 _STAR_INNER = 0.45  # inner/outer radius of the five-pointed star
+MAX_OBJECT_SCALE = 1.6  # larger objects no longer fit the frame with a margin
 _DIAMOND_RATIO = 0.6  # short/long half-diagonal of the diamond (a square has 1)
 
 _BG_WORDS = {
@@ -209,12 +210,12 @@ def _render_background(kind: str, colour: str, size: int, params: dict[str, floa
 
 # -- the generator ---------------------------------------------------------------------------
 def _place(rng: np.random.Generator, n: int, shapes: Sequence[str],
-           colours: Sequence[str]) -> list[ShapeSpec] | None:
+           colours: Sequence[str], object_scale: float = 1.0) -> list[ShapeSpec] | None:
     """Random placements (inside the frame, each layer mostly visible), or None on failure."""
     specs: list[ShapeSpec] = []
     scale = {1: (0.12, 0.24), 2: (0.10, 0.20), 3: (0.09, 0.17)}[min(n, 3)]
     for k in range(n):
-        r = float(rng.uniform(*scale))
+        r = float(rng.uniform(*scale)) * object_scale
         if shapes[k] in ("triangle", "star", "diamond"):
             r *= 1.2  # these fill less of their circle; keep areas comparable
         lo, hi = r + 0.03, 1 - r - 0.03
@@ -241,17 +242,20 @@ def make_scene(seed: int, size: int = 256, *, n_objects: int | tuple[int, int] =
                backgrounds: Sequence[str] = BACKGROUNDS,
                background_colours: Sequence[str] = BACKGROUND_COLOURS,
                combos: Collection[tuple[str, str]] | None = None,
-               exclude: Collection[tuple[str, str]] = ()) -> Scene:
+               exclude: Collection[tuple[str, str]] = (), object_scale: float = 1.0) -> Scene:
     """The scene of ``seed`` at ``size`` px, with its true layers.
 
     ``n_objects`` is a count or an inclusive range. ``combos`` restricts the (colour, shape)
     pairs the objects may take and ``exclude`` forbids some (held-out combinations for the
     training fidelity benchmark, see :func:`split_combos`). Colours are distinct within a scene
-    and far from every background tone, so each object is separable by colour.
+    and far from every background tone, so each object is separable by colour. ``object_scale``
+    multiplies every object's size (1: circumradius 9-24% of the image, by object count).
     """
     rng = np.random.default_rng([seed, 0])
     noise_rng = np.random.default_rng([seed, 1, size])
     lo, hi = (n_objects, n_objects) if isinstance(n_objects, int) else n_objects
+    if not 0 < object_scale <= MAX_OBJECT_SCALE:
+        raise ValueError(f"object_scale {object_scale} must be in (0, {MAX_OBJECT_SCALE}]")
     if not 1 <= lo <= hi:
         raise ValueError(f"n_objects {n_objects} must be >= 1")
     allowed = [(c, s) for c in colours for s in shapes
@@ -279,7 +283,7 @@ def make_scene(seed: int, size: int = 256, *, n_objects: int | tuple[int, int] =
             continue
         specs = None
         for _try in range(30):
-            specs = _place(rng, n, [s for _c, s in chosen], [c for c, _s in chosen])
+            specs = _place(rng, n, [s for _c, s in chosen], [c for c, _s in chosen], object_scale)
             if specs is not None:
                 break
         if specs is None:

@@ -37,6 +37,12 @@ class LayerDiffConfig:
     beta_end: float = 0.02
     zero_terminal_snr: bool = True  # alpha_bar(T) = 0: the last step sees pure noise, as it does at sampling
     composite_loss_weight: float = 0.0  # optional composite-consistency term
+    # Diffusion-loss weight of each slot role (background, foregrounds, masks). A mask's shape is a
+    # few boundary pixels of an otherwise constant layer: weighting masks up puts the loss there.
+    role_loss_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    # > 0: cap the x0-space weight of low-noise steps at this value (Min-SNR, Hang et al. 2023, with
+    # SNR + 1 for SNR so pure-noise steps keep weight 1); capacity goes to structure, not grain.
+    snr_gamma: float = 0.0
     num_inference_steps: int = 25  # default DDIM steps (trailing spacing)
 
     # Text.
@@ -65,6 +71,11 @@ class LayerDiffConfig:
             raise ValueError("zero_terminal_snr needs prediction_type='v_prediction'")
         if not 1 <= self.max_layers:
             raise ValueError(f"max_layers must be >= 1, got {self.max_layers}")
+        if len(self.role_loss_weights) != 3 or min(self.role_loss_weights) < 0:
+            raise ValueError(f"role_loss_weights must be 3 weights >= 0 (background, foreground, mask), "
+                             f"got {self.role_loss_weights}")
+        if self.snr_gamma < 0:
+            raise ValueError(f"snr_gamma must be >= 0, got {self.snr_gamma}")
         if self.tokenizer_type not in ("words", "clip"):
             raise ValueError(f"tokenizer_type {self.tokenizer_type!r} not in ('words', 'clip')")
 

@@ -301,16 +301,25 @@ class LayerDiffModel(nn.Module):
         context = self.encode_prompts(batch["prompt"], batch["layer_prompts"])
         pred = self.predict(x_t, t, context, present).float()
 
-        weight = present.float()[..., None, None, None]
-        per_elem = (pred - self.target(x0, noise, t).float()) ** 2 * weight
         numel = x0[0, 0].numel()
-        loss = per_elem.sum() / (weight.sum() * numel)
-        out = {"loss_diffusion": loss.detach()}
-        per_slot = per_elem.sum(dim=(2, 3, 4)) / numel  # (B, L)
+        per_slot = ((pred - self.target(x0, noise, t).float()) ** 2).sum(dim=(2, 3, 4)) / numel  # (B, L)
+        per_slot = per_slot * present.float()
         roles = slot_roles(self.config.max_layers).to(self.device)
-        for name, role in (("bg", 0), ("fg", 1), ("mask", 2)):
+        out = {}
+        for name, role in (("bg", 0), ("fg", 1), ("mask", 2)):  # unweighted, comparable across recipes
             sel = present & (roles == role)
             out[f"loss_{name}"] = (per_slot[sel].sum() / sel.sum().clamp_min(1)).detach()
+        # The loss: a weighted mean over present slots, by role and (optionally) by noise level.
+        weight = present.float() * torch.tensor(self.config.role_loss_weights, device=self.device)[roles]
+        norm = weight.sum().clamp_min(1e-8)  # noise-level weights stay out of it: they must not cancel
+        if self.config.snr_gamma > 0:
+            a = self._alpha(t, 2)
+            snr_plus_1 = 1.0 / (1.0 - a).clamp_min(1e-8)  # SNR + 1 = 1 / (1 - alpha_bar)
+            x0_weight = snr_plus_1 if self.config.prediction_type == "v_prediction" else snr_plus_1 - 1
+            # The objective's own x0-space weight (SNR + 1 for v, SNR for eps), capped at gamma.
+            weight = weight * (x0_weight.clamp(max=self.config.snr_gamma) / x0_weight.clamp_min(1e-8))
+        loss = (per_slot * weight).sum() / norm
+        out["loss_diffusion"] = loss.detach()
 
         if self.config.composite_loss_weight > 0:
             a = self._alpha(t, x0.ndim)

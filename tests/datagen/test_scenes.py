@@ -110,3 +110,18 @@ def test_shape_mask_rejects_unknown_shape() -> None:
 
     with pytest.raises(ValueError):
         shape_mask(ShapeSpec("blob", "red", 0.5, 0.5, 0.2, 0.0), 32)
+
+
+def test_object_scale_grows_every_object_and_is_bounded() -> None:
+    areas = {1.0: [], 1.5: []}
+    for scale, sizes in areas.items():
+        for seed in range(40):
+            scene = make_scene(seed, 64, object_scale=scale)
+            np.testing.assert_array_equal(compose_uint8(scene.background, scene.foregrounds, scene.masks),
+                                          scene.image)
+            for spec, mask in zip(scene.specs, scene.masks, strict=True):
+                assert 0.09 * scale <= spec.r <= 0.24 * 1.2 * scale  # the count's size range, scaled
+                sizes.append(int((mask > 0).sum()))
+    assert 1.8 < np.mean(areas[1.5]) / np.mean(areas[1.0]) < 2.7  # area grows as scale^2 = 2.25
+    with pytest.raises(ValueError, match="object_scale"):
+        make_scene(0, 64, object_scale=2.0)

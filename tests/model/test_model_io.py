@@ -49,6 +49,33 @@ def test_composite_term_and_epsilon_option() -> None:
     out["loss"].backward()
 
 
+def test_role_loss_weights_weight_the_per_role_losses(tiny_model: LayerDiffModel) -> None:
+    batch = make_batch([1, 3])  # present slots: 2 backgrounds, 4 foregrounds, 4 masks
+    plain = tiny_model.training_loss(batch, torch.Generator().manual_seed(5))
+    n_bg, n_fg, n_mask = 2, 4, 4
+    mean = (n_bg * plain["loss_bg"] + n_fg * plain["loss_fg"] + n_mask * plain["loss_mask"]) / 10
+    torch.testing.assert_close(plain["loss"].detach(), mean)
+    tiny_model.config = tiny_model.config.replace(role_loss_weights=[0.5, 1.0, 3.0])
+    weighted = tiny_model.training_loss(batch, torch.Generator().manual_seed(5))
+    expect = (0.5 * n_bg * plain["loss_bg"] + n_fg * plain["loss_fg"] + 3 * n_mask * plain["loss_mask"]) / (
+        0.5 * n_bg + n_fg + 3 * n_mask)
+    torch.testing.assert_close(weighted["loss"].detach(), expect)
+
+
+def test_snr_gamma_caps_low_noise_weights(tiny_model: LayerDiffModel) -> None:
+    batch = make_batch([2, 2, 1, 3])
+    plain = tiny_model.training_loss(batch, torch.Generator().manual_seed(1))["loss"]
+    tiny_model.config = tiny_model.config.replace(snr_gamma=1e12)  # a cap nothing reaches
+    torch.testing.assert_close(tiny_model.training_loss(batch, torch.Generator().manual_seed(1))["loss"], plain)
+    tiny_model.config = tiny_model.config.replace(snr_gamma=1.0)  # every step weighted by 1 - alpha_bar
+    capped = tiny_model.training_loss(batch, torch.Generator().manual_seed(1))["loss"]
+    assert 0 < capped < plain
+    with pytest.raises(ValueError, match="snr_gamma"):
+        tiny_model.config.replace(snr_gamma=-1.0)
+    with pytest.raises(ValueError, match="role_loss_weights"):
+        tiny_model.config.replace(role_loss_weights=[1.0, 1.0])
+
+
 def test_present_layout_is_checked(tiny_model: LayerDiffModel) -> None:
     batch = make_batch([2])
     batch["present"][0, 5] = False  # fg 1 without its mask
