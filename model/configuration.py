@@ -43,6 +43,14 @@ class LayerDiffConfig:
     # > 0: cap the x0-space weight of low-noise steps at this value (Min-SNR, Hang et al. 2023, with
     # SNR + 1 for SNR so pure-noise steps keep weight 1); capacity goes to structure, not grain.
     snr_gamma: float = 0.0
+    # > 0: mask-slot pixels within one pixel of the true boundary weigh 1 + this (a shape is its edge).
+    mask_edge_weight: float = 0.0
+    # Training timesteps drawn as T * u^(1 / bias): 1 = uniform; > 1 = more of the noisy steps, where
+    # a layer's layout and shape are decided.
+    timestep_bias: float = 1.0
+    # Self-conditioning (Chen et al. 2022, "Analog Bits"): the UNet also sees its previous x0 estimate
+    # (the UNet takes twice the latent channels); trained on half of the batches, used at every step.
+    self_conditioning: bool = False
     num_inference_steps: int = 25  # default DDIM steps (trailing spacing)
 
     # Text.
@@ -74,6 +82,9 @@ class LayerDiffConfig:
         if len(self.role_loss_weights) != 3 or min(self.role_loss_weights) < 0:
             raise ValueError(f"role_loss_weights must be 3 weights >= 0 (background, foreground, mask), "
                              f"got {self.role_loss_weights}")
+        if self.mask_edge_weight < 0 or self.timestep_bias <= 0:
+            raise ValueError(f"mask_edge_weight must be >= 0 and timestep_bias > 0, got "
+                             f"{self.mask_edge_weight}, {self.timestep_bias}")
         if self.snr_gamma < 0:
             raise ValueError(f"snr_gamma must be >= 0, got {self.snr_gamma}")
         if self.tokenizer_type not in ("words", "clip"):
@@ -207,7 +218,10 @@ def tiny_config(**overrides: Any) -> LayerDiffConfig:
         unet=copy.deepcopy(TINY_UNET),
         text_encoder=copy.deepcopy(TINY_TEXT_ENCODER),
     )
-    return base.replace(**overrides)
+    config = base.replace(**overrides)
+    if config.self_conditioning and "in_channels" not in overrides.get("unet", {}):
+        config = config.replace(unet={"in_channels": 2 * config.unet["out_channels"]})
+    return config
 
 
 def sd15_config(pretrained_path: str | None = None, **overrides: Any) -> LayerDiffConfig:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -146,9 +147,10 @@ class LayerDiffModel(nn.Module):
                              f"hidden size {self.text_encoder.config.hidden_size}")
         p = self.config.patch_size
         channels, size = self.latent_shape[0] * p * p, self.latent_shape[1]
-        if unet_cfg.in_channels != channels or unet_cfg.out_channels != channels:
-            raise ValueError(f"UNet channels {unet_cfg.in_channels}/{unet_cfg.out_channels} != latent channels "
-                             f"x patch_size^2 = {channels}")
+        inputs = 2 * channels if self.config.self_conditioning else channels  # x_t (+ the x0 estimate)
+        if unet_cfg.in_channels != inputs or unet_cfg.out_channels != channels:
+            raise ValueError(f"UNet channels {unet_cfg.in_channels}/{unet_cfg.out_channels} != {inputs}/{channels} "
+                             f"(latent channels x patch_size^2{', x2 in for self-conditioning' if inputs > channels else ''})")
         down = p * 2 ** (len(unet_cfg.block_out_channels) - 1)
         if size % down:
             raise ValueError(f"latent size {size} is not a multiple of the UNet's {down}x downsampling")
@@ -278,9 +280,22 @@ class LayerDiffModel(nn.Module):
         return sa * x_t - s1a * model_output, s1a * x_t + sa * model_output
 
     def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor | int, context: torch.Tensor,
-                present: torch.Tensor) -> torch.Tensor:
-        """The layered UNet's raw output (v or eps) for noisy latents (B, L, C, h, w)."""
+                present: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
+        """The layered UNet's raw output (v or eps) for noisy latents (B, L, C, h, w).
+
+        ``x0_prev``: the previous x0 estimate, for a self-conditioned model (None: zeros, "no estimate").
+        """
+        if self.config.self_conditioning:
+            x_t = torch.cat([x_t, torch.zeros_like(x_t) if x0_prev is None else x0_prev.to(x_t)], dim=2)
         return self.unet(x_t.to(self.dtype), timesteps, context, present)
+
+    def self_condition(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                       present: torch.Tensor) -> torch.Tensor:
+        """A self-conditioned model's first x0 estimate (no gradient), to feed back as ``x0_prev``."""
+        with torch.no_grad():
+            out = self.predict(x_t, timesteps, context, present).float()
+            x0, _ = self.predict_x0_eps(x_t.float(), out, self._alpha(timesteps, x_t.ndim))
+        return x0.clamp(-1.0, 1.0) if self.config.pixel_space else x0
 
     def training_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None
                       ) -> dict[str, torch.Tensor]:
@@ -294,16 +309,21 @@ class LayerDiffModel(nn.Module):
         x0 = self.encode_layers(batch["layers"], present, generator)
         b = x0.shape[0]
         gen_device = generator.device if generator is not None else self.device
-        t = torch.randint(0, self.config.num_train_timesteps, (b,), generator=generator, device=gen_device)
+        t = self._sample_timesteps(b, generator, gen_device)
         noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype)
         t, noise = t.to(self.device), noise.to(self.device)
         x_t = self.add_noise(x0, noise, t)
         context = self.encode_prompts(batch["prompt"], batch["layer_prompts"])
-        pred = self.predict(x_t, t, context, present).float()
+        x0_prev = None
+        if self.config.self_conditioning:  # half of the batches see the model's own first estimate
+            coin = torch.rand((), generator=generator, device=gen_device)
+            if float(coin) < 0.5:
+                x0_prev = self.self_condition(x_t, t, context.detach(), present)
+        pred = self.predict(x_t, t, context, present, x0_prev).float()
 
         numel = x0[0, 0].numel()
-        per_slot = ((pred - self.target(x0, noise, t).float()) ** 2).sum(dim=(2, 3, 4)) / numel  # (B, L)
-        per_slot = per_slot * present.float()
+        sq_err = (pred - self.target(x0, noise, t).float()) ** 2
+        per_slot = sq_err.sum(dim=(2, 3, 4)) / numel * present.float()  # (B, L)
         roles = slot_roles(self.config.max_layers).to(self.device)
         out = {}
         for name, role in (("bg", 0), ("fg", 1), ("mask", 2)):  # unweighted, comparable across recipes
@@ -318,6 +338,11 @@ class LayerDiffModel(nn.Module):
             x0_weight = snr_plus_1 if self.config.prediction_type == "v_prediction" else snr_plus_1 - 1
             # The objective's own x0-space weight (SNR + 1 for v, SNR for eps), capped at gamma.
             weight = weight * (x0_weight.clamp(max=self.config.snr_gamma) / x0_weight.clamp_min(1e-8))
+        if self.config.mask_edge_weight > 0:
+            k = self.config.max_layers
+            edges = 1 + self.config.mask_edge_weight * mask_edges(batch["layers"][:, 1 + k:], x0.shape[-2:])
+            sq_err = torch.cat([sq_err[:, : 1 + k], sq_err[:, 1 + k:] * edges.to(sq_err)], dim=1)
+            per_slot = sq_err.sum(dim=(2, 3, 4)) / numel * present.float()
         loss = (per_slot * weight).sum() / norm
         out["loss_diffusion"] = loss.detach()
 
@@ -334,9 +359,29 @@ class LayerDiffModel(nn.Module):
         out["loss"] = loss
         return out
 
+    def _sample_timesteps(self, b: int, generator: torch.Generator | None, device: torch.device | str
+                          ) -> torch.Tensor:
+        """Training timesteps: uniform, or with ``timestep_bias`` > 1 denser towards pure noise."""
+        num = self.config.num_train_timesteps
+        if self.config.timestep_bias == 1.0:
+            return torch.randint(0, num, (b,), generator=generator, device=device)
+        u = torch.rand(b, generator=generator, device=device, dtype=torch.float64)
+        return (num * u ** (1.0 / self.config.timestep_bias)).long().clamp(max=num - 1)
+
     def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Same as :meth:`training_loss`; call the model itself when it is wrapped in DDP."""
         return self.training_loss(batch, generator)
+
+
+def mask_edges(masks: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """(B, K, 3, H, W) masks in [-1, 1] -> (B, K, 1, h, w): the share of each latent pixel's area
+    that lies within one pixel of its mask's boundary (pixels whose 3x3 neighbourhood is mixed)."""
+    b, k, _, h, w = masks.shape
+    inside = (masks.float().mean(2) > 0).float().reshape(b * k, 1, h, w)
+    grown = F.max_pool2d(inside, 3, stride=1, padding=1)
+    shrunk = -F.max_pool2d(-inside, 3, stride=1, padding=1)
+    band = F.adaptive_avg_pool2d(grown - shrunk, tuple(size))
+    return band.reshape(b, k, 1, *band.shape[-2:])
 
 
 def _check_present(present: torch.Tensor, max_layers: int) -> None:

@@ -125,3 +125,33 @@ def test_save_load_round_trip_identical(active_model: LayerDiffModel, tmp_path: 
     sa = ddim_sample(active_model, *args, num_steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
     sb = ddim_sample(loaded, *args, num_steps=3, guidance_scale=2.0, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sa, sb)
+
+
+def test_self_conditioning_trains_feeds_back_x0_and_round_trips(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = LayerDiffModel.from_config_name("tiny", self_conditioning=True)
+    assert model.unet.unet.config.in_channels == 2 * model.unet.unet.config.out_channels
+    batch = make_batch([1, 3])
+    seen: list[torch.Tensor | None] = []
+    predict = model.predict
+
+    def recording_predict(x_t, timesteps, context, present, x0_prev=None):
+        seen.append(x0_prev)
+        return predict(x_t, timesteps, context, present, x0_prev)
+
+    model.predict = recording_predict  # type: ignore[method-assign]
+    for seed in range(6):  # both sides of the half-the-batches coin
+        model.training_loss(batch, torch.Generator().manual_seed(seed))["loss"].backward()
+    fed = [x for x in seen if x is not None]
+    assert fed and len(fed) < 6 and all(bool((x.abs() <= 1).all()) for x in fed)  # clamped own estimates
+    seen.clear()
+    out = ddim_sample(model, batch["prompt"], batch["layer_prompts"], batch["present"], num_steps=3,
+                      generator=torch.Generator().manual_seed(0))
+    assert seen[0] is None and all(x is not None for x in seen[1:]) and len(seen) == 3
+    del model.predict
+    model.save_pretrained(tmp_path / "m")
+    loaded = LayerDiffModel.from_pretrained(tmp_path / "m")
+    assert loaded.config.self_conditioning
+    again = ddim_sample(loaded, batch["prompt"], batch["layer_prompts"], batch["present"], num_steps=3,
+                        generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again, out)
