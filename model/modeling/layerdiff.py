@@ -264,9 +264,11 @@ class LayerDiffModel(nn.Module):
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """What the UNet is trained to output: v = sqrt(a) eps - sqrt(1 - a) x0, or eps."""
+        """What the UNet is trained to output: v = sqrt(a) eps - sqrt(1 - a) x0, eps, or x0 ("sample")."""
         if self.config.prediction_type == "epsilon":
             return noise
+        if self.config.prediction_type == "sample":
+            return x0
         a = self._alpha(timesteps, x0.ndim).to(x0.dtype)
         return a.sqrt() * noise - (1 - a).sqrt() * x0
 
@@ -277,6 +279,8 @@ class LayerDiffModel(nn.Module):
         if self.config.prediction_type == "epsilon":
             eps = model_output
             return (x_t - s1a * eps) / sa.clamp_min(1e-4), eps
+        if self.config.prediction_type == "sample":
+            return model_output, (x_t - sa * model_output) / s1a.clamp_min(1e-4)
         return sa * x_t - s1a * model_output, s1a * x_t + sa * model_output
 
     def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor | int, context: torch.Tensor,
@@ -335,9 +339,12 @@ class LayerDiffModel(nn.Module):
         if self.config.snr_gamma > 0:
             a = self._alpha(t, 2)
             snr_plus_1 = 1.0 / (1.0 - a).clamp_min(1e-8)  # SNR + 1 = 1 / (1 - alpha_bar)
-            x0_weight = snr_plus_1 if self.config.prediction_type == "v_prediction" else snr_plus_1 - 1
-            # The objective's own x0-space weight (SNR + 1 for v, SNR for eps), capped at gamma.
-            weight = weight * (x0_weight.clamp(max=self.config.snr_gamma) / x0_weight.clamp_min(1e-8))
+            # x0-space weight min(SNR + 1, gamma) (eps: min(SNR, gamma)) over the objective's own
+            # x0-space weight (SNR + 1 for v, SNR for eps, 1 for x0).
+            own = {"v_prediction": snr_plus_1, "epsilon": snr_plus_1 - 1,
+                   "sample": torch.ones_like(snr_plus_1)}[self.config.prediction_type]
+            capped = (snr_plus_1 - 1 if self.config.prediction_type == "epsilon" else snr_plus_1)
+            weight = weight * (capped.clamp(max=self.config.snr_gamma) / own.clamp_min(1e-8))
         if self.config.mask_edge_weight > 0:
             k = self.config.max_layers
             edges = 1 + self.config.mask_edge_weight * mask_edges(batch["layers"][:, 1 + k:], x0.shape[-2:])

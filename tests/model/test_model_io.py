@@ -30,14 +30,16 @@ def test_training_loss_is_reproducible_and_ignores_padding(tiny_model: LayerDiff
     assert torch.equal(a, b)
 
 
-def test_v_target_and_x0_recovery(tiny_model: LayerDiffModel) -> None:
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_target_and_x0_recovery(tiny_model: LayerDiffModel, prediction_type: str) -> None:
+    tiny_model.config = tiny_model.config.replace(prediction_type=prediction_type)
     x0, noise = torch.randn(2, 7, 3, 4, 4), torch.randn(2, 7, 3, 4, 4)
-    t = torch.tensor([10, 999])
+    t = torch.tensor([10, 998])
     x_t = tiny_model.add_noise(x0, noise, t)
-    v = tiny_model.target(x0, noise, t)
-    x0_hat, eps_hat = tiny_model.predict_x0_eps(x_t, v, tiny_model._alpha(t, 5))
+    target = tiny_model.target(x0, noise, t)
+    x0_hat, eps_hat = tiny_model.predict_x0_eps(x_t, target, tiny_model._alpha(t, 5))
     torch.testing.assert_close(x0_hat, x0, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(eps_hat, noise, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(eps_hat, noise, atol=1e-3, rtol=1e-3)
     assert float(tiny_model.alphas_cumprod[-1]) == 0.0  # zero terminal SNR: t = T-1 is pure noise
 
 
@@ -50,6 +52,8 @@ def test_composite_term_and_epsilon_option() -> None:
 
 
 def test_role_loss_weights_weight_the_per_role_losses(tiny_model: LayerDiffModel) -> None:
+    tiny_model.config = tiny_model.config.replace(role_loss_weights=[1.0, 1.0, 1.0], snr_gamma=0.0,
+                                                  composite_loss_weight=0.0)
     batch = make_batch([1, 3])  # present slots: 2 backgrounds, 4 foregrounds, 4 masks
     plain = tiny_model.training_loss(batch, torch.Generator().manual_seed(5))
     n_bg, n_fg, n_mask = 2, 4, 4
@@ -63,6 +67,8 @@ def test_role_loss_weights_weight_the_per_role_losses(tiny_model: LayerDiffModel
 
 
 def test_snr_gamma_caps_low_noise_weights(tiny_model: LayerDiffModel) -> None:
+    tiny_model.config = tiny_model.config.replace(prediction_type="v_prediction", snr_gamma=0.0,
+                                                  composite_loss_weight=0.0)
     batch = make_batch([2, 2, 1, 3])
     plain = tiny_model.training_loss(batch, torch.Generator().manual_seed(1))["loss"]
     tiny_model.config = tiny_model.config.replace(snr_gamma=1e12)  # a cap nothing reaches

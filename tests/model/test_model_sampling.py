@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import DDIMScheduler
 
@@ -71,16 +72,21 @@ def test_eta_and_generator_reproducibility(active_model: LayerDiffModel) -> None
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_oracle_denoiser_recovers_the_data(tiny_model: LayerDiffModel, monkeypatch) -> None:
-    """With the exact v (or eps) of a one-image data set, DDIM must land on that image."""
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_oracle_denoiser_recovers_the_data(tiny_model: LayerDiffModel, monkeypatch, prediction_type: str) -> None:
+    """With the exact v (or x0) of a one-image data set, DDIM must land on that image."""
+    tiny_model.config = tiny_model.config.replace(prediction_type=prediction_type)
     present = _present()
     target = torch.rand(2, 7, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 1.6 - 0.8
     alphas = tiny_model.alphas_cumprod
 
     def oracle(x_t, timesteps, context, present_, x0_prev=None):
         a = alphas[timesteps.cpu()].float().reshape(-1, 1, 1, 1, 1)[: x_t.shape[0]]
-        eps = (x_t - a.sqrt() * target.repeat(x_t.shape[0] // 2, 1, 1, 1, 1)) / (1 - a).sqrt()
-        return a.sqrt() * eps - (1 - a).sqrt() * target.repeat(x_t.shape[0] // 2, 1, 1, 1, 1)
+        x0 = target.repeat(x_t.shape[0] // 2, 1, 1, 1, 1)
+        if prediction_type == "sample":
+            return x0
+        eps = (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+        return a.sqrt() * eps - (1 - a).sqrt() * x0
 
     monkeypatch.setattr(tiny_model, "predict", oracle)
     for scale in (1.0, 3.0):
