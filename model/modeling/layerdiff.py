@@ -285,7 +285,7 @@ class LayerDiffModel(nn.Module):
 
     def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor | int, context: torch.Tensor,
                 present: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
-        """The layered UNet's raw output (v or eps) for noisy latents (B, L, C, h, w).
+        """The layered UNet's raw output (v, eps or x0: ``prediction_type``) for noisy latents (B, L, C, h, w).
 
         ``x0_prev``: the previous x0 estimate, for a self-conditioned model (None: zeros, "no estimate").
         """
@@ -339,12 +339,11 @@ class LayerDiffModel(nn.Module):
         if self.config.snr_gamma > 0:
             a = self._alpha(t, 2)
             snr_plus_1 = 1.0 / (1.0 - a).clamp_min(1e-8)  # SNR + 1 = 1 / (1 - alpha_bar)
-            # x0-space weight min(SNR + 1, gamma) (eps: min(SNR, gamma)) over the objective's own
-            # x0-space weight (SNR + 1 for v, SNR for eps, 1 for x0).
-            own = {"v_prediction": snr_plus_1, "epsilon": snr_plus_1 - 1,
-                   "sample": torch.ones_like(snr_plus_1)}[self.config.prediction_type]
-            capped = (snr_plus_1 - 1 if self.config.prediction_type == "epsilon" else snr_plus_1)
-            weight = weight * (capped.clamp(max=self.config.snr_gamma) / own.clamp_min(1e-8))
+            # The objective's own x0-space weight is SNR + 1 for v, SNR for eps and 1 for x0; the
+            # wanted one is the v / eps weight capped at gamma.
+            uncapped = snr_plus_1 - 1 if self.config.prediction_type == "epsilon" else snr_plus_1
+            own = torch.ones_like(uncapped) if self.config.prediction_type == "sample" else uncapped
+            weight = weight * (uncapped.clamp(max=self.config.snr_gamma) / own.clamp_min(1e-8))
         if self.config.mask_edge_weight > 0:
             k = self.config.max_layers
             edges = 1 + self.config.mask_edge_weight * mask_edges(batch["layers"][:, 1 + k:], x0.shape[-2:])
