@@ -51,10 +51,6 @@ BARS = {"fg_colour": (">=", 0.9), "shape": (">=", 0.8), "background": (">=", 0.9
         "binarity": (">=", 0.95), "outside_mask": ("<=", 0.05)}
 HELDOUT_GAP = 0.1
 EVAL_SEED0 = 1_000_000  # evaluation scenes: seeds far from the training ones
-# The training options (model.train); the objective and loss weights are the tiny preset's own.
-# Chosen on 8-10 CPU-minute pilots (BENCHMARKS.md): batch 16 beat 8 and 32; LR 3e-3 with the text
-# side at 0.3x kept the prompts (4e-3 on everything lost them).
-RECIPE: dict[str, Any] = {"batch_size": 16, "lr": 3e-3, "text_lr_scale": 0.3, "warmup_steps": 100}
 
 
 @dataclass
@@ -77,7 +73,9 @@ class FidelityConfig:
     threads: int = 1
     data: str | None = None  # existing shards (else generated under OUT/data)
     skip_train: bool = False  # score OUT/train/model as it is
-    train_args: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(RECIPE)))  # TrainConfig options
+    # model.train options over its defaults (the recipe: model.train's defaults and the tiny preset,
+    # chosen on 8-CPU-minute pilots, BENCHMARKS.md "Training")
+    train_args: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
         if f.name == "train_args":
             parser.add_argument("--train-arg", dest="train_args", action="append", default=[], metavar="KEY=VALUE",
-                                help="model.train option (JSON value) over the recipe, e.g. batch_size=32")
+                                help="model.train option (JSON value) over its defaults, e.g. batch_size=32")
         elif isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         else:
@@ -387,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             train_args[key] = json.loads(value)
         except json.JSONDecodeError:
             train_args[key] = value
-    report = run(FidelityConfig(**args, train_args={**RECIPE, **train_args}))
+    report = run(FidelityConfig(**args, train_args=train_args))
     print(markdown(report))
     return 0
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from model import LayerDiffModel
 from model import checkpoint as ckpt
 from model.data import collate, load_examples
-from model.train import TrainConfig, build_state, parse_args, train, train_step
+from model.train import TrainConfig, build_optimizer, build_state, parse_args, train, train_step
 from model.trainlog import save_grid
 
 
@@ -156,3 +157,15 @@ def test_warmup_cosine_follows_steps_or_time_budget() -> None:
     assert s(60) == pytest.approx(0.55) and s(110) == pytest.approx(0.1) and s(500) == pytest.approx(0.1)
     s.time_fraction = 0.5  # half the time budget used: past warmup, halfway down the cosine
     assert s(0) == pytest.approx(0.55) and s(100) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.9)))
+
+
+def test_optimizer_scales_the_text_side_lr_and_spares_1d_params_from_decay() -> None:
+    model = LayerDiffModel.from_config_name("tiny")
+    opt = build_optimizer(model, TrainConfig(lr=1e-3, text_lr_scale=0.25, weight_decay=0.1))
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    assert len(group_of) == len(model.trainable_parameters())  # every trainable parameter, once
+    for name, p in model.named_parameters():
+        g = group_of[id(p)]
+        text = name.startswith(("text_encoder.", "prompt_enhancer."))
+        assert g["lr"] == pytest.approx(2.5e-4 if text else 1e-3), name
+        assert g["weight_decay"] == (0.1 if p.ndim >= 2 else 0.0), name
