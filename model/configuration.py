@@ -40,6 +40,11 @@ class LayerDiffConfig:
     # Diffusion-loss weight of each slot role (background, foregrounds, masks). A mask's shape is a
     # few boundary pixels of an otherwise constant layer: weighting masks up puts the loss there.
     role_loss_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    # Input scaling (Chen 2023, "On the importance of noise scheduling"): each role's latents are
+    # multiplied by this before noising, so b < 1 divides that role's SNR by 1/b^2 at every step. A
+    # binary mask is so redundant that its shape is settled in the first few (noisiest) steps;
+    # scaled down, it is settled over more of the schedule.
+    role_input_scale: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     # > 0: weigh each step's error in x0 space by min(SNR + 1, gamma) (eps: min(SNR, gamma)); for v this
     # caps the low-noise steps (Min-SNR, Hang et al. 2023, with SNR + 1 so pure noise keeps weight 1),
     # for x0 ("sample") it raises them from 1 towards gamma.
@@ -83,6 +88,9 @@ class LayerDiffConfig:
         if len(self.role_loss_weights) != 3 or min(self.role_loss_weights) < 0:
             raise ValueError(f"role_loss_weights must be 3 weights >= 0 (background, foreground, mask), "
                              f"got {self.role_loss_weights}")
+        if len(self.role_input_scale) != 3 or min(self.role_input_scale) <= 0:
+            raise ValueError(f"role_input_scale must be 3 scales > 0 (background, foreground, mask), "
+                             f"got {self.role_input_scale}")
         if self.mask_edge_weight < 0 or self.timestep_bias <= 0:
             raise ValueError(f"mask_edge_weight must be >= 0 and timestep_bias > 0, got "
                              f"{self.mask_edge_weight}, {self.timestep_bias}")

@@ -38,7 +38,9 @@ def mask_alphas(model: LayerDiffModel, x0: torch.Tensor, present: torch.Tensor) 
     k = model.config.max_layers
     masks = x0[:, 1 + k:]
     keep = present[:, 1 + k:].to(x0.dtype)[..., None, None, None]
-    if not model.config.pixel_space:
+    if model.config.pixel_space:
+        masks = masks / model.slot_scale(x0.ndim)[:, 1 + k:].to(masks.dtype)  # undo the input scale
+    else:
         full = torch.zeros_like(x0[:, :1]).expand(-1, x0.shape[1], -1, -1, -1).clone()
         full[:, 1 + k:] = masks
         pixels = model.decode_layers(full.to(model.dtype), present).float()[:, 1 + k:]
@@ -85,7 +87,7 @@ class SelfMaskGuidance:
         x0_c, _ = self.model.predict_x0_eps(step.sample, step.output_cond.float(), alpha)
         x0_u, _ = self.model.predict_x0_eps(step.sample, step.output_uncond.float(), alpha)
         source = step.x0 if self.mask_from == "guided" else x0_c
-        alphas = mask_alphas(self.model, source.clamp(-1.0, 1.0) if self.model.config.pixel_space else source,
+        alphas = mask_alphas(self.model, self.model.clip_x0(source) if self.model.config.pixel_space else source,
                              step.present)
         self.last_alphas = alphas
         weights = smg_weights(alphas, step.guidance_scale, self.outside_scale, step.sample.shape[1])

@@ -59,7 +59,8 @@ def ddim_sample(model: LayerDiffModel, prompt: Sequence[str], layer_prompts: Seq
     ``present`` (B, L) chooses each sample's number of foregrounds; absent slots come back as -1
     (a black foreground, an empty mask), so compositing all K_max layers gives the right image.
     ``guidance_scale`` 1 runs only the conditional branch; otherwise the unconditional branch uses
-    empty global and layer prompts. ``clip_sample`` (default: on in pixel space) clamps x0 to [-1, 1].
+    empty global and layer prompts. ``clip_sample`` (default: on in pixel space) clamps x0 to each slot's range
+    (:meth:`LayerDiffModel.clip_x0`).
     ``output_type="latents"`` returns the final latents instead of pixels.
     """
     config = model.config
@@ -110,7 +111,7 @@ def ddim_sample(model: LayerDiffModel, prompt: Sequence[str], layer_prompts: Seq
         if new_x0 is not None:
             x0 = new_x0.float()
         if clip_sample:
-            x0 = x0.clamp(-1.0, 1.0)
+            x0 = model.clip_x0(x0)
         if new_x0 is not None or clip_sample:
             eps = (x - a**0.5 * x0) / (1.0 - a) ** 0.5  # the noise direction consistent with x_t and x0
         x0_prev = x0

@@ -185,6 +185,18 @@ class LayerDiffModel(nn.Module):
         channels = 3 if self.vae is None else self.vae.config.latent_channels
         return channels, size, size
 
+    def slot_scale(self, ndim: int = 5) -> torch.Tensor:
+        """Each slot's input scale (``role_input_scale`` by role), shaped (1, L, 1, ...) for ``ndim``-d
+        latents: a latent is the VAE latent or the [-1, 1] image times it, so it is also the range
+        that a pixel-space x0 is clipped to."""
+        scale = torch.tensor(self.config.role_input_scale, dtype=torch.float32)[slot_roles(self.config.max_layers)]
+        return scale.reshape(1, -1, *([1] * (ndim - 2))).to(self.device)
+
+    def clip_x0(self, x0: torch.Tensor) -> torch.Tensor:
+        """An x0 estimate clipped to each slot's latent range ([-1, 1] times its input scale)."""
+        bound = self.slot_scale(x0.ndim).to(x0.dtype)
+        return torch.maximum(torch.minimum(x0, bound), -bound)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -230,8 +242,9 @@ class LayerDiffModel(nn.Module):
                       generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, L, 3, H, W) in [-1, 1] -> (B, L, C, h, w) latents; absent slots are zero."""
         pixels = pixels.to(self.device, self.dtype)
+        scale = self.slot_scale(pixels.ndim).to(self.dtype)
         if self.vae is None:
-            return pixels * present.to(self.device)[..., None, None, None].to(pixels.dtype)
+            return pixels * present.to(self.device)[..., None, None, None].to(pixels.dtype) * scale
         index = present.to(self.device).reshape(-1).nonzero().squeeze(1)
         flat = pixels.reshape(-1, *pixels.shape[2:]).index_select(0, index)
         with torch.no_grad():
@@ -239,10 +252,11 @@ class LayerDiffModel(nn.Module):
             z = dist.sample(generator)
         z = (z - (self.vae.config.shift_factor or 0.0)) * self.vae.config.scaling_factor
         out = z.new_zeros((pixels.shape[0] * pixels.shape[1], *z.shape[1:])).index_copy(0, index, z)
-        return out.reshape(*pixels.shape[:2], *z.shape[1:]).to(self.dtype)
+        return out.reshape(*pixels.shape[:2], *z.shape[1:]).to(self.dtype) * scale
 
     def decode_layers(self, latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """(B, L, C, h, w) latents -> (B, L, 3, H, W) pixels (unclamped; differentiable); absent = 0."""
+        latents = latents / self.slot_scale(latents.ndim).to(latents.dtype)
         if self.vae is None:
             return latents * present.to(latents.device)[..., None, None, None].to(latents.dtype)
         index = present.to(latents.device).reshape(-1).nonzero().squeeze(1)
@@ -299,7 +313,7 @@ class LayerDiffModel(nn.Module):
         with torch.no_grad():
             out = self.predict(x_t, timesteps, context, present).float()
             x0, _ = self.predict_x0_eps(x_t.float(), out, self._alpha(timesteps, x_t.ndim))
-        return x0.clamp(-1.0, 1.0) if self.config.pixel_space else x0
+        return self.clip_x0(x0) if self.config.pixel_space else x0
 
     def training_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None
                       ) -> dict[str, torch.Tensor]:
@@ -326,7 +340,9 @@ class LayerDiffModel(nn.Module):
         pred = self.predict(x_t, t, context, present, x0_prev).float()
 
         numel = x0[0, 0].numel()
-        sq_err = (pred - self.target(x0, noise, t).float()) ** 2
+        # Errors in pixel units (a latent is the layer times its input scale), so scaling a role's
+        # input moves its schedule without also shrinking its loss.
+        sq_err = (pred - self.target(x0, noise, t).float()) ** 2 / self.slot_scale(x0.ndim) ** 2
         per_slot = sq_err.sum(dim=(2, 3, 4)) / numel * present.float()  # (B, L)
         roles = slot_roles(self.config.max_layers).to(self.device)
         out = {}

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from datagen.format import compose_uint8
-from model.guidance import SelfMaskGuidance, smg_weights
+from model.guidance import SelfMaskGuidance, mask_alphas, smg_weights
 from model.layers import fg_slot, mask_slot
 from model.ora import read_ora
 from model.pipeline import default_layer_prompts, load_sample
@@ -41,6 +41,17 @@ def test_smg_weights() -> None:
     assert w[0, fg_slot(0, 2), 0, 0, 0] == 3.0 and w[0, fg_slot(0, 2), 0, 1, 1] == 1.0
     assert w[0, 0, 0, 0, 0] == 1.0 and w[0, 0, 0, 1, 1] == 3.0  # background: guided where visible
     assert torch.all(w[0, mask_slot(0, 2)] == 3.0)
+
+
+def test_mask_alphas_undo_the_input_scale() -> None:
+    from model import LayerDiffModel
+
+    model = LayerDiffModel.from_config_name("tiny", role_input_scale=[1.0, 1.0, 0.25])
+    x0 = torch.zeros(1, 7, 3, 2, 2)
+    x0[:, 4:, :, 0] = 0.25  # mask latents: the top row fully inside ([-1, 1] x 0.25)
+    x0[:, 4:, :, 1] = -0.25
+    alphas = mask_alphas(model, x0, torch.ones(1, 7, dtype=torch.bool))
+    assert torch.all(alphas[:, :, 0, 0] == 1.0) and torch.all(alphas[:, :, 0, 1] == 0.0)
 
 
 def test_files_ora_and_composite(pipe, tmp_path: Path) -> None:

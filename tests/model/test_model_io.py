@@ -82,6 +82,30 @@ def test_snr_gamma_caps_low_noise_weights(tiny_model: LayerDiffModel) -> None:
         tiny_model.config.replace(role_loss_weights=[1.0, 1.0])
 
 
+def test_role_input_scale_scales_latents_and_keeps_pixels(tiny_model: LayerDiffModel) -> None:
+    batch = make_batch([1, 3])
+    present = batch["present"]
+    plain = tiny_model.encode_layers(batch["layers"], present)
+    tiny_model.config = tiny_model.config.replace(role_input_scale=[1.0, 0.5, 0.25])
+    scaled = tiny_model.encode_layers(batch["layers"], present)
+    torch.testing.assert_close(scaled[:, 0], plain[:, 0])
+    torch.testing.assert_close(scaled[:, 1:4], 0.5 * plain[:, 1:4])
+    torch.testing.assert_close(scaled[:, 4:], 0.25 * plain[:, 4:])
+    keep = present[..., None, None, None]
+    torch.testing.assert_close(tiny_model.decode_layers(scaled, present) * keep, batch["layers"] * keep)
+    # x0 is clipped to each slot's latent range: a mask's [-1, 1] is [-0.25, 0.25] there
+    bounds = tiny_model.clip_x0(torch.full((1, 7, 3, 2, 2), 5.0))[0, :, 0, 0, 0]
+    assert bounds.tolist() == [1.0, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25]
+    # the loss is in pixel units: an x0 model off by 0.1 of a pixel everywhere scores 0.1^2 on every slot
+    tiny_model.config = tiny_model.config.replace(prediction_type="sample", composite_loss_weight=0.0, snr_gamma=0.0)
+    tiny_model.predict = lambda *args: scaled + 0.1 * tiny_model.slot_scale()  # a UNet that is 0.1 off
+    out = tiny_model.training_loss(batch, torch.Generator().manual_seed(0))
+    for key in ("loss", "loss_bg", "loss_fg", "loss_mask"):
+        assert float(out[key]) == pytest.approx(0.01, rel=1e-4)
+    with pytest.raises(ValueError, match="role_input_scale"):
+        tiny_model.config.replace(role_input_scale=[1.0, 0.0, 1.0])
+
+
 def test_present_layout_is_checked(tiny_model: LayerDiffModel) -> None:
     batch = make_batch([2])
     batch["present"][0, 5] = False  # fg 1 without its mask
