@@ -123,7 +123,15 @@ def compare_on_fidelity(model_dir: str, n: int = 64, guidance_scale: float = 3.0
 
     from datagen.scenes import split_combos
     from model.data import to_example
-    from model.fidelity import EVAL_SEED0, FidelityConfig, eval_scenes, scene_sample, score_sample, summarize
+    from model.fidelity import (
+        EVAL_SEED0,
+        FidelityConfig,
+        eval_scenes,
+        parse_objects,
+        scene_sample,
+        score_sample,
+        summarize,
+    )
     from model.sampling import ddim_sample
 
     model = LayerDiffModel.from_pretrained(model_dir).eval()
@@ -132,7 +140,7 @@ def compare_on_fidelity(model_dir: str, n: int = 64, guidance_scale: float = 3.0
     res, k_max = model.config.resolution, model.config.max_layers
     rows = []
     for split, combos, seed0 in (("seen", seen, EVAL_SEED0), ("held_out", held, 2 * EVAL_SEED0)):
-        scenes = eval_scenes(combos, n, res, k_max, seed0)
+        scenes = eval_scenes(combos, n, res, parse_objects(cfg.objects), seed0, cfg.object_scale)
         examples = [to_example(scene_sample(s, f"eval-{s.seed}"), res, k_max, fg_fill) for s in scenes]
         for mode, outside in modes:
             generator = torch.Generator().manual_seed(seed + 777)
