@@ -45,6 +45,10 @@ class LayerDiffConfig:
     # binary mask is so redundant that its shape is settled in the first few (noisiest) steps;
     # scaled down, it is settled over more of the schedule.
     role_input_scale: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    # How a pixel-space model represents masks: "binary" (-1 / +1, as stored) or "distance" (a
+    # signed distance to the boundary, / mask_distance_width px and clipped; decoded by its sign).
+    mask_encoding: str = "binary"
+    mask_distance_width: float = 3.0
     # > 0: weigh each step's error in x0 space by min(SNR + 1, gamma) (eps: min(SNR, gamma)); for v this
     # caps the low-noise steps (Min-SNR, Hang et al. 2023, with SNR + 1 so pure noise keeps weight 1),
     # for x0 ("sample") it raises them from 1 towards gamma.
@@ -91,6 +95,10 @@ class LayerDiffConfig:
         if len(self.role_input_scale) != 3 or min(self.role_input_scale) <= 0:
             raise ValueError(f"role_input_scale must be 3 scales > 0 (background, foreground, mask), "
                              f"got {self.role_input_scale}")
+        if self.mask_encoding not in ("binary", "distance"):
+            raise ValueError(f"mask_encoding {self.mask_encoding!r} not in ('binary', 'distance')")
+        if self.mask_encoding == "distance" and (not self.pixel_space or self.mask_distance_width <= 0):
+            raise ValueError("mask_encoding 'distance' needs pixel_space and mask_distance_width > 0")
         if self.mask_edge_weight < 0 or self.timestep_bias <= 0:
             raise ValueError(f"mask_edge_weight must be >= 0 and timestep_bias > 0, got "
                              f"{self.mask_edge_weight}, {self.timestep_bias}")

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from model.configuration import LayerDiffConfig, get_config
-from model.layers import compose, slot_prompt_index, slot_roles
+from model.layers import compose, distance_to_masks, masks_to_distance, slot_prompt_index, slot_roles
 from model.modeling.layer_attention import LayerAdapter, LayeredUNet
 from model.modeling.prompt_enhancer import PromptEnhancer
 from model.modeling.text import build_text_encoder, build_word_tokenizer
@@ -244,6 +244,10 @@ class LayerDiffModel(nn.Module):
         pixels = pixels.to(self.device, self.dtype)
         scale = self.slot_scale(pixels.ndim).to(self.dtype)
         if self.vae is None:
+            if self.config.mask_encoding == "distance":
+                k = self.config.max_layers
+                pixels = torch.cat([pixels[:, : 1 + k], masks_to_distance(pixels[:, 1 + k:],
+                                                                          self.config.mask_distance_width)], dim=1)
             return pixels * present.to(self.device)[..., None, None, None].to(pixels.dtype) * scale
         index = present.to(self.device).reshape(-1).nonzero().squeeze(1)
         flat = pixels.reshape(-1, *pixels.shape[2:]).index_select(0, index)
@@ -258,6 +262,10 @@ class LayerDiffModel(nn.Module):
         """(B, L, C, h, w) latents -> (B, L, 3, H, W) pixels (unclamped; differentiable); absent = 0."""
         latents = latents / self.slot_scale(latents.ndim).to(latents.dtype)
         if self.vae is None:
+            if self.config.mask_encoding == "distance":
+                k = self.config.max_layers
+                latents = torch.cat([latents[:, : 1 + k], distance_to_masks(latents[:, 1 + k:],
+                                                                            self.config.mask_distance_width)], dim=1)
             return latents * present.to(latents.device)[..., None, None, None].to(latents.dtype)
         index = present.to(latents.device).reshape(-1).nonzero().squeeze(1)
         z = latents.reshape(-1, *latents.shape[2:]).index_select(0, index)

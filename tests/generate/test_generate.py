@@ -52,6 +52,11 @@ def test_mask_alphas_undo_the_input_scale() -> None:
     x0[:, 4:, :, 1] = -0.25
     alphas = mask_alphas(model, x0, torch.ones(1, 7, dtype=torch.bool))
     assert torch.all(alphas[:, :, 0, 0] == 1.0) and torch.all(alphas[:, :, 0, 1] == 0.0)
+    # a distance-encoded mask: the sign says inside or out, whatever the distance
+    model = LayerDiffModel.from_config_name("tiny", mask_encoding="distance", mask_distance_width=4.0)
+    x0[:, 4:, :, 0], x0[:, 4:, :, 1] = 0.3, -0.9
+    alphas = mask_alphas(model, x0, torch.ones(1, 7, dtype=torch.bool))
+    assert torch.all(alphas[:, :, 0, 0] == 1.0) and torch.all(alphas[:, :, 0, 1] == 0.0)
 
 
 def test_files_ora_and_composite(pipe, tmp_path: Path) -> None:

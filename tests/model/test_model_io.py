@@ -106,6 +106,28 @@ def test_role_input_scale_scales_latents_and_keeps_pixels(tiny_model: LayerDiffM
         tiny_model.config.replace(role_input_scale=[1.0, 0.0, 1.0])
 
 
+def test_distance_mask_encoding_round_trips_exactly() -> None:
+    from model.layers import distance_to_masks, masks_to_distance
+
+    model = LayerDiffModel.from_config_name("tiny", mask_encoding="distance", mask_distance_width=3.0)
+    batch = make_batch([1, 3])
+    present = batch["present"]
+    latents = model.encode_layers(batch["layers"], present)
+    keep = present[..., None, None, None]
+    torch.testing.assert_close(latents[:, :4], batch["layers"][:, :4] * keep[:, :4])  # colours as they were
+    torch.testing.assert_close(model.decode_layers(latents, present) * keep, batch["layers"] * keep)
+    # a 1-px-wide vertical bar at x = 2 in a 1 x 6 row: distances -1.5, -0.5, +0.5, -0.5, -1.5, -2.5 px
+    row = torch.tensor([[-1.0, -1.0, 1.0, -1.0, -1.0, -1.0]])
+    field = masks_to_distance(row, width=2.0)
+    torch.testing.assert_close(field, torch.tensor([[-0.75, -0.25, 0.25, -0.25, -0.75, -1.0]]))
+    torch.testing.assert_close(distance_to_masks(field, 2.0), row)
+    assert torch.equal(masks_to_distance(torch.full((2, 3), -1.0), 2.0), torch.full((2, 3), -1.0))  # empty
+    with pytest.raises(ValueError, match="mask_encoding"):
+        get_config("tiny", mask_encoding="sdf")
+    with pytest.raises(ValueError, match="pixel_space"):
+        get_config("sd15", mask_encoding="distance")
+
+
 def test_present_layout_is_checked(tiny_model: LayerDiffModel) -> None:
     batch = make_batch([2])
     batch["present"][0, 5] = False  # fg 1 without its mask
