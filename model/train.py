@@ -60,7 +60,7 @@ class TrainConfig:
     max_steps: int = 1500
     max_minutes: float = 0.0  # > 0: a time budget: stop after this long; the cosine follows elapsed time
     budget_clock: str = "wall"  # wall | cpu (this process's CPU time: steady on a shared machine)
-    batch_size: int = 16  # per worker and micro-step
+    batch_size: int = 8  # per worker and micro-step; 8 beat 16 at equal CPU time (BENCHMARKS.md)
     grad_accum: int = 1
     lr: float = 3e-3  # the tiny config from scratch; fine-tuning sd15 wants ~1e-5
     text_lr_scale: float = 0.3  # LR multiplier for the text encoder and prompt enhancer
