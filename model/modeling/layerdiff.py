@@ -245,9 +245,7 @@ class LayerDiffModel(nn.Module):
         scale = self.slot_scale(pixels.ndim).to(self.dtype)
         if self.vae is None:
             if self.config.mask_encoding == "distance":
-                k = self.config.max_layers
-                pixels = torch.cat([pixels[:, : 1 + k], masks_to_distance(pixels[:, 1 + k:],
-                                                                          self.config.mask_distance_width)], dim=1)
+                pixels = self._map_masks(pixels, masks_to_distance)
             return pixels * present.to(self.device)[..., None, None, None].to(pixels.dtype) * scale
         index = present.to(self.device).reshape(-1).nonzero().squeeze(1)
         flat = pixels.reshape(-1, *pixels.shape[2:]).index_select(0, index)
@@ -258,14 +256,17 @@ class LayerDiffModel(nn.Module):
         out = z.new_zeros((pixels.shape[0] * pixels.shape[1], *z.shape[1:])).index_copy(0, index, z)
         return out.reshape(*pixels.shape[:2], *z.shape[1:]).to(self.dtype) * scale
 
+    def _map_masks(self, layers: torch.Tensor, fn: Any) -> torch.Tensor:
+        """``layers`` with ``fn(mask slots, mask_distance_width)`` in place of its mask slots."""
+        k = self.config.max_layers
+        return torch.cat([layers[:, : 1 + k], fn(layers[:, 1 + k:], self.config.mask_distance_width)], dim=1)
+
     def decode_layers(self, latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """(B, L, C, h, w) latents -> (B, L, 3, H, W) pixels (unclamped; differentiable); absent = 0."""
         latents = latents / self.slot_scale(latents.ndim).to(latents.dtype)
         if self.vae is None:
             if self.config.mask_encoding == "distance":
-                k = self.config.max_layers
-                latents = torch.cat([latents[:, : 1 + k], distance_to_masks(latents[:, 1 + k:],
-                                                                            self.config.mask_distance_width)], dim=1)
+                latents = self._map_masks(latents, distance_to_masks)
             return latents * present.to(latents.device)[..., None, None, None].to(latents.dtype)
         index = present.to(latents.device).reshape(-1).nonzero().squeeze(1)
         z = latents.reshape(-1, *latents.shape[2:]).index_select(0, index)
