@@ -36,12 +36,12 @@ PROBE_TIMESTEPS = (999, 950, 900, 850, 800, 700, 600, 400, 200)
 
 
 def _mask_shapes(x0: torch.Tensor, model: Any) -> list[str | None]:
-    """Shape class of every sample's first mask slot of an x0 estimate (latent = pixels here)."""
+    """Shape class of every sample's first mask slot of an x0 estimate: inside where the latent is
+    positive (true of a pixel-space mask under any input scale or mask encoding)."""
     from datagen.scenes import classify_shape
 
     k = model.config.max_layers
-    masks = x0[:, 1 + k] / model.slot_scale(x0.ndim)[:, 1 + k]
-    return [classify_shape((m.float().mean(0) > 0).cpu().numpy()) for m in masks]
+    return [classify_shape((m.float().mean(0) > 0).cpu().numpy()) for m in x0[:, 1 + k]]
 
 
 @torch.no_grad()
