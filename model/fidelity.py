@@ -71,6 +71,7 @@ class FidelityConfig:
     eta: float = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like
     eval_batch: int = 32
     threads: int = 1
+    device: str = "cpu"  # where the evaluation samples: cpu | cuda (training's device is its use_gpu)
     data: str | None = None  # existing shards (else generated under OUT/data)
     skip_train: bool = False  # score OUT/train/model as it is
     # model.train options over its defaults (the recipe: model.train's defaults and the tiny preset,
@@ -240,7 +241,7 @@ def evaluate(model: Any, scenes: Sequence[Any], cfg: FidelityConfig, fg_fill: st
         with torch.no_grad():
             layers = ddim_sample(model, [e["prompt"] for e in chunk], [e["layer_prompts"] for e in chunk], present,
                                  num_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, generator=generator,
-                                 eta=cfg.eta)
+                                 eta=cfg.eta).float().cpu()
         for i, ex in enumerate(chunk):
             scene = scenes[start + i]
             records.append(score_sample(layers[i], ex["present"], scene, fg_fill))
@@ -327,7 +328,7 @@ def run(cfg: FidelityConfig) -> dict[str, Any]:
     report["loss_curve"] = plot_loss(out / "train" / "train_log.csv", out / "loss.png")
 
     # 3. evaluate the EMA model
-    model = LayerDiffModel.from_pretrained(out / "train" / "model").eval()
+    model = LayerDiffModel.from_pretrained(out / "train" / "model").eval().to(cfg.device)
     res = model.config.resolution
     t0 = time.time()
     for name, combos, seed0 in (("seen", seen, EVAL_SEED0), ("held_out", held, 2 * EVAL_SEED0)):

@@ -374,7 +374,9 @@ def train(cfg: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     state = build_state(cfg, dist.device, dist.rank)
     latest = ckpt.latest_checkpoint(out / "checkpoints") if cfg.resume else None
     if latest is not None:
-        state.load_state_dict(ckpt.load_checkpoint(latest, map_location=dist.device))
+        # Loaded on the CPU: RNG states must stay CPU ByteTensors (a CUDA map_location broke --resume
+        # on a GPU); the model, EMA and optimizer copy their tensors onto their own devices.
+        state.load_state_dict(ckpt.load_checkpoint(latest))
         if dist.main:
             print(f"resumed from {latest} at step {state.step}", file=sys.stderr)
     elif cfg.resume and dist.main:
