@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smg-outside-scale", type=float, default=1.0,
                    help="SMG: CFG scale where a layer is hidden (fg outside its mask, bg under the fgs)")
     p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--negative-prompt", default="", help="guidance pushes away from this global prompt")
+    p.add_argument("--negative-layers", default="",
+                   help="negative foreground prompts, '|'-separated, back-most first")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--device", default=None)
     edit = p.add_argument_group("editing (of a sample folder written by this command)")
@@ -93,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.prompt:
             raise SystemExit("--prompt is required")
         layer_prompts = [s.strip() for s in args.layers.split("|")] if args.layers.strip() else None
+        negative_layers = [s.strip() for s in args.negative_layers.split("|")] if args.negative_layers.strip() else None
         out = pipe(args.prompt, layer_prompts, background_prompt=args.bg_prompt, num_images=args.num_images,
-                   eta=args.eta, **common)
+                   eta=args.eta, negative_prompt=args.negative_prompt, negative_layer_prompts=negative_layers,
+                   **common)
     folders = out.save(args.out)
     for folder, prompt, lp in zip(folders, out.prompts, out.layer_prompts, strict=True):
         (folder / "prompts.json").write_text(json.dumps({"prompt": prompt, "layer_prompts": lp,

@@ -167,20 +167,29 @@ class LayerDiffPipeline:
     def __call__(self, prompt: str, layer_prompts: Sequence[str] | None = None, *,
                  background_prompt: str | None = None, num_images: int = 1, num_inference_steps: int | None = None,
                  guidance_scale: float = 3.0, guidance: str = "smg", smg_outside_scale: float = 1.0,
-                 seed: int | None = 0, generator: torch.Generator | None = None, eta: float = 0.0
+                 seed: int | None = 0, generator: torch.Generator | None = None, eta: float = 0.0,
+                 negative_prompt: str = "", negative_layer_prompts: Sequence[str] | None = None
                  ) -> LayerDiffOutput:
         """Sample ``num_images`` layered images for one prompt.
 
         ``guidance``: "smg" (self-mask guidance, :mod:`model.guidance`) or "cfg" (plain classifier-free
         guidance). ``guidance_scale`` 1 is unguided sampling in both modes. The same seed gives the same
-        output.
+        output. ``negative_prompt`` / ``negative_layer_prompts`` (one per foreground, back-most first)
+        replace the empty prompts of guidance's unconditional branch.
         """
         prompts, present = self.prepare_prompts(prompt, layer_prompts, background_prompt)
         b = num_images
         presents = present[None].expand(b, -1).clone()
+        negatives = [""] * len(prompts)
+        if negative_layer_prompts is not None:
+            if len(negative_layer_prompts) > self.max_layers:
+                raise ValueError(f"{len(negative_layer_prompts)} negative layer prompts, the model has at most "
+                                 f"{self.max_layers} foregrounds")
+            negatives[1:1 + len(negative_layer_prompts)] = list(negative_layer_prompts)
         layers = ddim_sample(self.model, [prompt] * b, [prompts] * b, presents.to(self.model.device),
                              num_inference_steps, guidance_scale, self._generator(seed, generator), eta=eta,
-                             step_hook=self._hook(guidance, guidance_scale, smg_outside_scale))
+                             step_hook=self._hook(guidance, guidance_scale, smg_outside_scale),
+                             negative_prompt=[negative_prompt] * b, negative_layer_prompts=[negatives] * b)
         return LayerDiffOutput(layers.float().cpu(), presents, [prompt] * b, [list(prompts) for _ in range(b)])
 
     @torch.no_grad()

@@ -53,13 +53,16 @@ def trailing_timesteps(num_train_timesteps: int, num_steps: int) -> list[int]:
 def ddim_sample(model: LayerDiffModel, prompt: Sequence[str], layer_prompts: Sequence[Sequence[str]],
                 present: torch.Tensor, num_steps: int | None = None, guidance_scale: float = 1.0,
                 generator: torch.Generator | None = None, *, eta: float = 0.0, clip_sample: bool | None = None,
-                step_hook: StepHook | None = None, output_type: str = "pixels") -> torch.Tensor:
+                step_hook: StepHook | None = None, output_type: str = "pixels",
+                negative_prompt: Sequence[str] | None = None,
+                negative_layer_prompts: Sequence[Sequence[str]] | None = None) -> torch.Tensor:
     """Sample layers for B prompts -> (B, L, 3, H, W) pixels in [-1, 1] (decoded through the VAE).
 
     ``present`` (B, L) chooses each sample's number of foregrounds; absent slots come back as -1
     (a black foreground, an empty mask), so compositing all K_max layers gives the right image.
     ``guidance_scale`` 1 runs only the conditional branch; otherwise the unconditional branch uses
-    empty global and layer prompts. ``clip_sample`` (default: on in pixel space) clamps x0 to each slot's range
+    empty global and layer prompts, or ``negative_prompt`` / ``negative_layer_prompts`` where given
+    (diffusers' negative prompts: guidance then pushes away from them rather than from no prompt). ``clip_sample`` (default: on in pixel space) clamps x0 to each slot's range
     (:meth:`LayerDiffModel.clip_x0`).
     ``output_type="latents"`` returns the final latents instead of pixels.
     """
@@ -78,7 +81,11 @@ def ddim_sample(model: LayerDiffModel, prompt: Sequence[str], layer_prompts: Seq
     context = model.encode_prompts(prompt, layer_prompts)
     if guided:
         empty = [""] * (1 + config.max_layers)
-        context = torch.cat([context, model.encode_prompts([""] * b, [empty] * b)])
+        neg_prompt = list(negative_prompt) if negative_prompt is not None else [""] * b
+        neg_layers = list(negative_layer_prompts) if negative_layer_prompts is not None else [empty] * b
+        if len(neg_prompt) != b or len(neg_layers) != b:
+            raise ValueError(f"negative prompts must be given for all {b} samples")
+        context = torch.cat([context, model.encode_prompts(neg_prompt, neg_layers)])
         present_2 = torch.cat([present, present])
 
     rand_device = generator.device if generator is not None else device

@@ -112,6 +112,20 @@ def test_guidance_scale_one_is_unguided(pipe, guidance: str) -> None:
     assert torch.equal(out.layers, ref)
 
 
+def test_negative_layer_prompts_reach_the_sampler(pipe) -> None:
+    """The pipeline's negatives are ddim_sample's unconditional branch: same result, and they matter."""
+    prompts, present = pipe.prepare_prompts(PROMPT)
+    out = pipe(PROMPT, num_inference_steps=STEPS, seed=5, guidance="cfg", negative_prompt="a dog",
+               negative_layer_prompts=["a red star"])
+    negatives = ["", "a red star"] + [""] * (len(prompts) - 2)
+    ref = ddim_sample(pipe.model, [PROMPT], [prompts], present[None], STEPS, 3.0, torch.Generator().manual_seed(5),
+                      negative_prompt=["a dog"], negative_layer_prompts=[negatives])
+    assert torch.equal(out.layers, ref)
+    assert not torch.allclose(out.layers, pipe(PROMPT, num_inference_steps=STEPS, seed=5, guidance="cfg").layers)
+    with pytest.raises(ValueError, match="negative layer prompts"):
+        pipe(PROMPT, num_inference_steps=STEPS, negative_layer_prompts=["x"] * (pipe.max_layers + 1))
+
+
 def test_smg_with_uniform_weights_is_cfg(pipe) -> None:
     """SMG with outside scale = scale has every weight equal to the scale: plain CFG."""
     prompts, present = pipe.prepare_prompts(PROMPT)

@@ -49,6 +49,25 @@ def test_guidance_scale_one_is_unguided_and_scale_matters(active_model: LayerDif
     torch.testing.assert_close(run(4.0, empty, empty_layers), run(1.0, empty, empty_layers), atol=1e-4, rtol=0)
 
 
+def test_negative_prompts_replace_the_unconditional_branch(active_model: LayerDiffModel) -> None:
+    def run(scale: float, **negative) -> torch.Tensor:
+        return ddim_sample(active_model, PROMPTS, LAYER_PROMPTS, _present(), num_steps=3, guidance_scale=scale,
+                           generator=torch.Generator().manual_seed(0), **negative)
+
+    unguided = run(1.0)
+    # Negative prompts equal to the prompts: both branches agree, any scale gives the unguided result.
+    same = run(4.0, negative_prompt=PROMPTS, negative_layer_prompts=LAYER_PROMPTS)
+    torch.testing.assert_close(same, unguided, atol=1e-4, rtol=0)
+    # Empty negatives are plain CFG; a different negative steers elsewhere.
+    empty = run(4.0, negative_prompt=["", ""], negative_layer_prompts=[[""] * 4] * 2)
+    torch.testing.assert_close(empty, run(4.0), atol=1e-5, rtol=0)
+    swapped = [[lp[0], *[p.replace("circle", "star") for p in lp[1:]]] for lp in LAYER_PROMPTS]
+    other = run(4.0, negative_prompt=PROMPTS, negative_layer_prompts=swapped)
+    assert not torch.allclose(other, unguided) and not torch.allclose(other, run(4.0))
+    with pytest.raises(ValueError, match="negative prompts"):
+        run(4.0, negative_prompt=PROMPTS[:1])
+
+
 def test_step_hook_sees_every_step_and_can_replace_x0(active_model: LayerDiffModel) -> None:
     seen: list[SamplerStep] = []
 
