@@ -62,7 +62,8 @@ def ddim_sample(model: LayerDiffModel, prompt: Sequence[str], layer_prompts: Seq
     (a black foreground, an empty mask), so compositing all K_max layers gives the right image.
     ``guidance_scale`` 1 runs only the conditional branch; otherwise the unconditional branch uses
     empty global and layer prompts, or ``negative_prompt`` / ``negative_layer_prompts`` where given
-    (diffusers' negative prompts: guidance then pushes away from them rather than from no prompt). ``clip_sample`` (default: on in pixel space) clamps x0 to each slot's range
+    (diffusers' negative prompts: guidance then pushes away from them rather than from no prompt).
+    ``clip_sample`` (default: on in pixel space) clamps x0 to each slot's range
     (:meth:`LayerDiffModel.clip_x0`).
     ``output_type="latents"`` returns the final latents instead of pixels.
     """
