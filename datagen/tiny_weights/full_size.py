@@ -43,21 +43,13 @@ def build_groundingdino(out_dir: Path) -> dict[str, Path]:
     import importlib.util
 
     import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
 
     from datagen.stages.models.groundingdino import build_model, read_config
-    from datagen.tiny_weights.groundingdino import vocabulary
+    from datagen.tiny_weights.groundingdino import build_text_encoder
 
     folder = out_dir / "groundingdino"
-    text_encoder = folder / "bert-base-random"
-    text_encoder.mkdir(parents=True, exist_ok=True)
-    vocab = vocabulary()
-    (text_encoder / "vocab.txt").write_text("".join(t + "\n" for t in vocab))
-    BertTokenizerFast(vocab_file=str(text_encoder / "vocab.txt"), do_lower_case=True).save_pretrained(text_encoder)
-    torch.manual_seed(SEED)
     # BertConfig's defaults are bert-base-uncased's sizes (768 wide, 12 layers); only the vocabulary is small.
-    BertModel(BertConfig(vocab_size=len(vocab), pad_token_id=0)).save_pretrained(text_encoder,
-                                                                                 safe_serialization=True)
+    text_encoder = build_text_encoder(folder, "bert-base-random", sizes={})
     spec = importlib.util.find_spec("groundingdino")
     if spec is None or spec.origin is None:
         raise ModuleNotFoundError("groundingdino-py is not installed")
@@ -72,14 +64,14 @@ def build_groundingdino(out_dir: Path) -> dict[str, Path]:
 
 def build_sd_inpaint(out_dir: Path) -> dict[str, Path]:
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
-    from datagen.tiny_weights.sd_inpaint import _clip_tokenizer
+    from datagen.tiny_weights.sd_inpaint import clip_text_config, clip_tokenizer, save_pipeline
 
     folder = out_dir / "sd-inpaint-random"
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = _clip_tokenizer(Path(tmp))
+        tokenizer = clip_tokenizer(Path(tmp))
     torch.manual_seed(SEED)
     # UNet2DConditionModel's defaults are SD 1.5's blocks (320/640/1280/1280, 2 layers per block).
     unet = UNet2DConditionModel(sample_size=64, in_channels=9, out_channels=4, cross_attention_dim=768,
@@ -87,16 +79,10 @@ def build_sd_inpaint(out_dir: Path) -> dict[str, Path]:
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
                         block_out_channels=(128, 256, 512, 512),
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
-    pipe = StableDiffusionInpaintPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                          scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                          requires_safety_checker=False)
-    pipe.save_pretrained(folder, safe_serialization=True)
+    # CLIP ViT-L/14's text tower sizes (SD 1.5's text encoder).
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer, hidden_size=768, intermediate_size=3072,
+                                                  num_hidden_layers=12, num_attention_heads=12))
+    save_pipeline(folder, unet, vae, text_encoder, tokenizer)
     return {"sd_inpaint": folder}
 
 

@@ -98,26 +98,25 @@ def vocabulary() -> list[str]:
     return vocab
 
 
-def build_text_encoder(out_dir: Path) -> Path:
-    """A tiny ``bert-base-uncased``-style folder (tokenizer + BertModel) under ``out_dir``."""
+# The tiny BertModel; max_position_embeddings stays bert-base's 512 (GroundingDINO feeds up to 256 tokens).
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+             "max_position_embeddings": 512}
+
+
+def build_text_encoder(out_dir: Path, name: str = TEXT_ENCODER, sizes: dict | None = None) -> Path:
+    """A ``bert-base-uncased``-style folder (tokenizer + random BertModel) ``out_dir/name`` with the
+    tiny vocabulary; ``sizes`` are BertConfig sizes (default the tiny ones; ``{}`` is bert-base's)."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    folder = out_dir / TEXT_ENCODER
+    folder = out_dir / name
     folder.mkdir(parents=True, exist_ok=True)
     vocab = vocabulary()
     (folder / "vocab.txt").write_text("".join(t + "\n" for t in vocab))
     tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
     tokenizer.save_pretrained(folder)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,  # as bert-base: GroundingDINO feeds up to 256 tokens
-        pad_token_id=vocab.index("[PAD]"),
-    )
+    config = BertConfig(vocab_size=len(vocab), pad_token_id=vocab.index("[PAD]"),
+                        **(TINY_BERT if sizes is None else sizes))
     torch.manual_seed(SEED)
     BertModel(config).save_pretrained(folder, safe_serialization=True)
     return folder

@@ -20,7 +20,7 @@ SEED = 2024
 _WORDS = ("empty", "background", "nothing", "object", "person", "text", "a", "photo", "of", "the", "blurry")
 
 
-def _clip_tokenizer(work: Path):  # -> transformers.CLIPTokenizer
+def clip_tokenizer(work: Path):  # -> transformers.CLIPTokenizer
     """CLIP BPE from a hand-made vocab: printable ASCII chars (plain and word-final ``</w>``) + ``_WORDS``."""
     from transformers import CLIPTokenizer
 
@@ -56,15 +56,36 @@ def _clip_tokenizer(work: Path):  # -> transformers.CLIPTokenizer
     )
 
 
+def clip_text_config(tokenizer, **sizes):  # -> transformers.CLIPTextConfig
+    """A CLIP text config for ``tokenizer``'s vocabulary and special tokens, with ``sizes``."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sizes)
+
+
+def save_pipeline(folder: Path, unet, vae, text_encoder, tokenizer) -> None:
+    """Write a ``StableDiffusionInpaintPipeline`` folder from its components, with SD 1.5's scheduler
+    settings (as in runwayml/stable-diffusion-inpainting's scheduler_config.json) and no safety checker."""
+    from diffusers import PNDMScheduler, StableDiffusionInpaintPipeline
+
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    pipe = StableDiffusionInpaintPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                          scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
 def build(out_dir: Path) -> dict[str, Path]:
     """Build ``out_dir/sd-inpaint-tiny``; returns ``{"sd_inpaint": folder}``."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     folder = Path(out_dir) / "sd-inpaint-tiny"
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = _clip_tokenizer(Path(tmp))
+        tokenizer = clip_tokenizer(Path(tmp))
     torch.manual_seed(SEED)
     unet = UNet2DConditionModel(
         sample_size=32,
@@ -89,40 +110,9 @@ def build(out_dir: Path) -> dict[str, Path]:
         norm_num_groups=16,
         sample_size=64,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    # SD 1.5's scheduler settings, as in runwayml/stable-diffusion-inpainting's scheduler_config.json.
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        skip_prk_steps=True,
-        steps_offset=1,
-        set_alpha_to_one=False,
-    )
-    pipe = StableDiffusionInpaintPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder, safe_serialization=True)
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer, hidden_size=32, intermediate_size=64,
+                                                  num_hidden_layers=2, num_attention_heads=4))
+    save_pipeline(folder, unet, vae, text_encoder, tokenizer)
     return {"sd_inpaint": folder}
 
 
