@@ -209,8 +209,13 @@ def _render_background(kind: str, colour: str, size: int, params: dict[str, floa
 
 
 # -- the generator ---------------------------------------------------------------------------
+# Rotations of ``make_scene(upright=True)``: apex up (triangle, star, diamond), sides level (square, hexagon).
+UPRIGHT_ANGLES = {"circle": 0.0, "square": math.pi / 4, "triangle": -math.pi / 2, "star": -math.pi / 2,
+                  "hexagon": 0.0, "diamond": -math.pi / 2}
+
+
 def _place(rng: np.random.Generator, n: int, shapes: Sequence[str],
-           colours: Sequence[str], object_scale: float = 1.0) -> list[ShapeSpec] | None:
+           colours: Sequence[str], object_scale: float = 1.0, upright: bool = False) -> list[ShapeSpec] | None:
     """Random placements (inside the frame, each layer mostly visible), or None on failure."""
     specs: list[ShapeSpec] = []
     scale = {1: (0.12, 0.24), 2: (0.10, 0.20), 3: (0.09, 0.17)}[min(n, 3)]
@@ -227,7 +232,8 @@ def _place(rng: np.random.Generator, n: int, shapes: Sequence[str],
             cx, cy = float(np.clip(cx, lo, hi)), float(np.clip(cy, lo, hi))
         else:
             cx, cy = float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))
-        specs.append(ShapeSpec(shapes[k], colours[k], cx, cy, r, float(rng.uniform(0, 2 * math.pi))))
+        angle = float(rng.uniform(0, 2 * math.pi))  # drawn either way, so the draws that follow match
+        specs.append(ShapeSpec(shapes[k], colours[k], cx, cy, r, UPRIGHT_ANGLES[shapes[k]] if upright else angle))
     masks = [shape_mask(s, _CHECK_RES) for s in specs]
     front = np.zeros((_CHECK_RES, _CHECK_RES), bool)
     for m in reversed(masks):
@@ -242,7 +248,8 @@ def make_scene(seed: int, size: int = 256, *, n_objects: int | tuple[int, int] =
                backgrounds: Sequence[str] = BACKGROUNDS,
                background_colours: Sequence[str] = BACKGROUND_COLOURS,
                combos: Collection[tuple[str, str]] | None = None,
-               exclude: Collection[tuple[str, str]] = (), object_scale: float = 1.0) -> Scene:
+               exclude: Collection[tuple[str, str]] = (), object_scale: float = 1.0,
+               upright: bool = False) -> Scene:
     """The scene of ``seed`` at ``size`` px, with its true layers.
 
     ``n_objects`` is a count or an inclusive range. ``combos`` restricts the (colour, shape)
@@ -250,6 +257,7 @@ def make_scene(seed: int, size: int = 256, *, n_objects: int | tuple[int, int] =
     training fidelity benchmark, see :func:`split_combos`). Colours are distinct within a scene
     and far from every background tone, so each object is separable by colour. ``object_scale``
     multiplies every object's size (1: circumradius 9-24% of the image, by object count).
+    ``upright``: every shape in one fixed rotation (:data:`UPRIGHT_ANGLES`) instead of a random one.
     """
     rng = np.random.default_rng([seed, 0])
     noise_rng = np.random.default_rng([seed, 1, size])
@@ -283,7 +291,7 @@ def make_scene(seed: int, size: int = 256, *, n_objects: int | tuple[int, int] =
             continue
         specs = None
         for _try in range(30):
-            specs = _place(rng, n, [s for _c, s in chosen], [c for c, _s in chosen], object_scale)
+            specs = _place(rng, n, [s for _c, s in chosen], [c for c, _s in chosen], object_scale, upright)
             if specs is not None:
                 break
         if specs is None:

@@ -65,6 +65,9 @@ class FidelityConfig:
     # Object size relative to datagen's scenes: at 32 px their 3-8 px shapes are ambiguous (the
     # classifier is right on 82% of true masks); at 1.5x it is right on 97%.
     object_scale: float = 1.5
+    # Every shape in one fixed rotation (datagen.scenes.UPRIGHT_ANGLES) instead of a random one: a
+    # diagnostic (BENCHMARKS.md), not the benchmark.
+    upright: bool = False
     seed: int = 0
     guidance_scale: float = 3.0
     sample_steps: int = 25
@@ -102,7 +105,8 @@ def scene_sample(scene: Any, key: str) -> LayerSample:
 
 
 def write_scene_shards(out: Path, seeds: Sequence[int], size: int, exclude: Sequence[tuple[str, str]],
-                       shard_size: int, n_objects: tuple[int, int] = (1, 3), object_scale: float = 1.0) -> Path:
+                       shard_size: int, n_objects: tuple[int, int] = (1, 3), object_scale: float = 1.0,
+                       upright: bool = False) -> Path:
     """Scenes of ``seeds`` as OUT/shards/*.tar + OUT/manifests/*.json + OUT/manifest.json."""
     from datagen.scenes import make_scene
 
@@ -115,7 +119,8 @@ def write_scene_shards(out: Path, seeds: Sequence[int], size: int, exclude: Sequ
         count = 0
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for seed in seeds[start:start + shard_size]:
-                scene = make_scene(int(seed), size, n_objects=n_objects, exclude=exclude, object_scale=object_scale)
+                scene = make_scene(int(seed), size, n_objects=n_objects, exclude=exclude, object_scale=object_scale,
+                                   upright=upright)
                 key = f"scene-{int(seed):08d}"
                 for suffix, data in scene_sample(scene, key).to_members().items():
                     info = tarfile.TarInfo(f"{key}.{suffix}")
@@ -129,7 +134,8 @@ def write_scene_shards(out: Path, seeds: Sequence[int], size: int, exclude: Sequ
         entries.append(entry)
     index = {"schema": DATASET_SCHEMA, "config": {"source": "synthetic-gt (model.fidelity)", "size": size,
                                                   "excluded_combos": [list(c) for c in exclude],
-                                                  "objects": list(n_objects), "object_scale": object_scale},
+                                                  "objects": list(n_objects), "object_scale": object_scale,
+                                                  "upright": upright},
              "shards": entries, "totals": {"samples": sum(e["samples"] for e in entries)}}
     (out / "manifest.json").write_text(json.dumps(index, indent=1) + "\n")
     return out
@@ -211,11 +217,12 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def eval_scenes(combos: Sequence[tuple[str, str]], n: int, size: int, n_objects: tuple[int, int],
-                seed0: int, object_scale: float = 1.0) -> list[Any]:
+                seed0: int, object_scale: float = 1.0, upright: bool = False) -> list[Any]:
     """``n`` scenes whose objects all take combinations from ``combos`` (seeds from ``seed0``)."""
     from datagen.scenes import make_scene
 
-    return [make_scene(seed0 + i, size, n_objects=n_objects, combos=set(combos), object_scale=object_scale)
+    return [make_scene(seed0 + i, size, n_objects=n_objects, combos=set(combos), object_scale=object_scale,
+                       upright=upright)
             for i in range(n)]
 
 
@@ -315,7 +322,7 @@ def run(cfg: FidelityConfig) -> dict[str, Any]:
         t0 = time.time()
         resolution = train_cfg.model_args.get("resolution", 32)
         write_scene_shards(data, list(range(cfg.train_scenes)), resolution, held, cfg.shard_size,
-                           parse_objects(cfg.objects), cfg.object_scale)
+                           parse_objects(cfg.objects), cfg.object_scale, cfg.upright)
         report["data_seconds"] = round(time.time() - t0, 1)
         print(f"wrote {cfg.train_scenes} scenes to {data} in {report['data_seconds']} s", file=sys.stderr)
     train_cfg.data = str(data)
@@ -332,7 +339,8 @@ def run(cfg: FidelityConfig) -> dict[str, Any]:
     res = model.config.resolution
     t0 = time.time()
     for name, combos, seed0 in (("seen", seen, EVAL_SEED0), ("held_out", held, 2 * EVAL_SEED0)):
-        scenes = eval_scenes(combos, cfg.eval_scenes, res, parse_objects(cfg.objects), seed0, cfg.object_scale)
+        scenes = eval_scenes(combos, cfg.eval_scenes, res, parse_objects(cfg.objects), seed0, cfg.object_scale,
+                             cfg.upright)
         report[name], report[f"{name}_truth"] = evaluate(model, scenes, cfg, train_cfg.fg_fill,
                                                          out / f"samples-{name}.png")
     report["eval_minutes"] = round((time.time() - t0) / 60, 2)

@@ -125,3 +125,20 @@ def test_object_scale_grows_every_object_and_is_bounded() -> None:
     assert 1.8 < np.mean(areas[1.5]) / np.mean(areas[1.0]) < 2.7  # area grows as scale^2 = 2.25
     with pytest.raises(ValueError, match="object_scale"):
         make_scene(0, 64, object_scale=2.0)
+
+
+def test_upright_scenes_fix_every_rotation() -> None:
+    from datagen.scenes import UPRIGHT_ANGLES
+
+    for seed in range(10):
+        scene = make_scene(seed, 64, upright=True)
+        np.testing.assert_array_equal(compose_uint8(scene.background, scene.foregrounds, scene.masks), scene.image)
+        assert all(spec.angle == UPRIGHT_ANGLES[spec.shape] for spec in scene.specs)
+    # upright, the square's mask is axis-aligned: a full rectangle of its bounding box
+    for seed in range(60):
+        scene = make_scene(seed, 64, n_objects=1, upright=True)
+        if scene.specs[0].shape == "square":
+            ys, xs = np.nonzero(scene.masks[0])
+            assert (scene.masks[0][ys.min():ys.max() + 1, xs.min():xs.max() + 1] > 0).all()
+            return
+    raise AssertionError("no square in 60 single-object scenes")
