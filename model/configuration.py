@@ -61,6 +61,10 @@ class LayerDiffConfig:
     # Self-conditioning (Chen et al. 2022, "Analog Bits"): the UNet also sees its previous x0 estimate
     # (the UNet takes twice the latent channels); trained on half of the batches, used at every step.
     self_conditioning: bool = False
+    # > 0: train on inputs noised with noise + this * fresh noise, the target unchanged (input
+    # perturbation, Ning et al. 2023): at sampling the inputs are the model's own, less exact than
+    # the training inputs (exposure bias); a noisier input teaches it to lean on the prompt.
+    input_perturbation: float = 0.0
     num_inference_steps: int = 25  # default DDIM steps (trailing spacing)
 
     # Text.
@@ -102,6 +106,8 @@ class LayerDiffConfig:
         if self.mask_edge_weight < 0 or self.timestep_bias <= 0:
             raise ValueError(f"mask_edge_weight must be >= 0 and timestep_bias > 0, got "
                              f"{self.mask_edge_weight}, {self.timestep_bias}")
+        if self.input_perturbation < 0:
+            raise ValueError(f"input_perturbation must be >= 0, got {self.input_perturbation}")
         if self.snr_gamma < 0:
             raise ValueError(f"snr_gamma must be >= 0, got {self.snr_gamma}")
         if self.tokenizer_type not in ("words", "clip"):

@@ -207,3 +207,26 @@ def test_self_conditioning_trains_feeds_back_x0_and_round_trips(tmp_path: Path) 
     again = ddim_sample(loaded, batch["prompt"], batch["layer_prompts"], batch["present"], num_steps=3,
                         generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(again, out)
+
+
+def test_input_perturbation_adds_fresh_noise_to_the_input_only() -> None:
+    batch = make_batch([1, 3])
+    inputs: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+    for gamma in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = LayerDiffModel.from_config_name("tiny", input_perturbation=gamma)
+        predict = model.predict
+
+        def recording_predict(x_t, timesteps, context, present, x0_prev=None, _p=predict, _g=gamma):
+            inputs[_g] = (x_t.detach().clone(), timesteps)
+            return _p(x_t, timesteps, context, present, x0_prev)
+
+        model.predict = recording_predict  # type: ignore[method-assign]
+        assert torch.isfinite(model.training_loss(batch, torch.Generator().manual_seed(3))["loss"])
+    (x_plain, t), (x_perturbed, t_p) = inputs[0.0], inputs[0.5]
+    assert torch.equal(t, t_p)  # same timesteps and first noise: only the extra noise differs
+    extra = (x_perturbed - x_plain).flatten(1)
+    expected_std = 0.5 * (1 - model._alpha(t, 2)).sqrt().flatten()  # sqrt(1 - alpha_bar) * gamma * N(0, 1)
+    torch.testing.assert_close(extra.std(dim=1), expected_std, rtol=0.1, atol=1e-3)
+    with pytest.raises(ValueError, match="input_perturbation"):
+        LayerDiffModel.from_config_name("tiny", input_perturbation=-0.1)
