@@ -4,7 +4,7 @@
 # and real-size random SAM / GroundingDINO / SD inpainting timed. Logs: $OUT/log.txt, $OUT/results.tgz.
 #
 # Written for a bare GPU machine whose python3 has torch but not this project's other pins: the rest
-# travels as wheels in .whl/ (run from the repo root; weights/tiny from `make tiny-weights`):
+# travels as wheels in .whl/ (git-ignored: carry it; run from the repo root; weights/tiny from `make tiny-weights`):
 #   python3 -m pip download -d .whl --no-deps --only-binary=:all: --python-version 3.12 \
 #       --platform manylinux2014_x86_64 diffusers==0.39.0 huggingface_hub==0.36.2 webdataset==1.0.2 \
 #       braceexpand transformers==4.57.6 tokenizers==0.22.2 segment-anything==1.0 addict yapf platformdirs \

@@ -3,7 +3,7 @@
 # minutes, then scored twice (DDIM eta 0 with 25 steps, as the benchmark; eta 1 with 50 steps).
 # BENCHMARKS.md "Fidelity on a GPU". Logs and reports: $OUT/log.txt, $OUT/<run>/.
 #
-# Carried to a bare GPU machine (python3 with torch, numpy, scipy, PIL, cv2, yaml) in .gpu/ (git-excluded):
+# Carried to a bare GPU machine (python3 with torch, numpy, scipy, PIL, cv2, yaml) in .gpu/ (git-ignored: carry it):
 #   .gpu/whl/      python3 -m pip download -d .gpu/whl --no-deps --only-binary=:all: --python-version 3.12 \
 #                    --platform manylinux2014_x86_64 diffusers==0.39.0 huggingface_hub==0.36.2 \
 #                    webdataset==1.0.2 braceexpand transformers==4.57.6 tokenizers==0.22.2 importlib_metadata
