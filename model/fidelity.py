@@ -81,6 +81,11 @@ class FidelityConfig:
     # chosen on 8-CPU-minute pilots, BENCHMARKS.md "Training")
     train_args: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def scene_args(self) -> dict[str, Any]:
+        """The ``make_scene`` options of the benchmark's scenes (training and evaluation alike)."""
+        return {"object_scale": self.object_scale, "upright": self.upright}
+
 
 # ---------------------------------------------------------------------------------------------
 # synthetic shards
@@ -105,9 +110,9 @@ def scene_sample(scene: Any, key: str) -> LayerSample:
 
 
 def write_scene_shards(out: Path, seeds: Sequence[int], size: int, exclude: Sequence[tuple[str, str]],
-                       shard_size: int, n_objects: tuple[int, int] = (1, 3), object_scale: float = 1.0,
-                       upright: bool = False) -> Path:
-    """Scenes of ``seeds`` as OUT/shards/*.tar + OUT/manifests/*.json + OUT/manifest.json."""
+                       shard_size: int, n_objects: tuple[int, int] = (1, 3), **scene_args: Any) -> Path:
+    """Scenes of ``seeds`` as OUT/shards/*.tar + OUT/manifests/*.json + OUT/manifest.json;
+    ``scene_args`` go to ``make_scene`` (``FidelityConfig.scene_args``) and into the manifest."""
     from datagen.scenes import make_scene
 
     (out / "shards").mkdir(parents=True, exist_ok=True)
@@ -119,8 +124,7 @@ def write_scene_shards(out: Path, seeds: Sequence[int], size: int, exclude: Sequ
         count = 0
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for seed in seeds[start:start + shard_size]:
-                scene = make_scene(int(seed), size, n_objects=n_objects, exclude=exclude, object_scale=object_scale,
-                                   upright=upright)
+                scene = make_scene(int(seed), size, n_objects=n_objects, exclude=exclude, **scene_args)
                 key = f"scene-{int(seed):08d}"
                 for suffix, data in scene_sample(scene, key).to_members().items():
                     info = tarfile.TarInfo(f"{key}.{suffix}")
@@ -134,8 +138,7 @@ def write_scene_shards(out: Path, seeds: Sequence[int], size: int, exclude: Sequ
         entries.append(entry)
     index = {"schema": DATASET_SCHEMA, "config": {"source": "synthetic-gt (model.fidelity)", "size": size,
                                                   "excluded_combos": [list(c) for c in exclude],
-                                                  "objects": list(n_objects), "object_scale": object_scale,
-                                                  "upright": upright},
+                                                  "objects": list(n_objects), **scene_args},
              "shards": entries, "totals": {"samples": sum(e["samples"] for e in entries)}}
     (out / "manifest.json").write_text(json.dumps(index, indent=1) + "\n")
     return out
@@ -217,12 +220,12 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def eval_scenes(combos: Sequence[tuple[str, str]], n: int, size: int, n_objects: tuple[int, int],
-                seed0: int, object_scale: float = 1.0, upright: bool = False) -> list[Any]:
-    """``n`` scenes whose objects all take combinations from ``combos`` (seeds from ``seed0``)."""
+                seed0: int, **scene_args: Any) -> list[Any]:
+    """``n`` scenes whose objects all take combinations from ``combos`` (seeds from ``seed0``);
+    ``scene_args`` go to ``make_scene`` (``FidelityConfig.scene_args``)."""
     from datagen.scenes import make_scene
 
-    return [make_scene(seed0 + i, size, n_objects=n_objects, combos=set(combos), object_scale=object_scale,
-                       upright=upright)
+    return [make_scene(seed0 + i, size, n_objects=n_objects, combos=set(combos), **scene_args)
             for i in range(n)]
 
 
@@ -322,7 +325,7 @@ def run(cfg: FidelityConfig) -> dict[str, Any]:
         t0 = time.time()
         resolution = train_cfg.model_args.get("resolution", 32)
         write_scene_shards(data, list(range(cfg.train_scenes)), resolution, held, cfg.shard_size,
-                           parse_objects(cfg.objects), cfg.object_scale, cfg.upright)
+                           parse_objects(cfg.objects), **cfg.scene_args)
         report["data_seconds"] = round(time.time() - t0, 1)
         print(f"wrote {cfg.train_scenes} scenes to {data} in {report['data_seconds']} s", file=sys.stderr)
     train_cfg.data = str(data)
@@ -339,8 +342,7 @@ def run(cfg: FidelityConfig) -> dict[str, Any]:
     res = model.config.resolution
     t0 = time.time()
     for name, combos, seed0 in (("seen", seen, EVAL_SEED0), ("held_out", held, 2 * EVAL_SEED0)):
-        scenes = eval_scenes(combos, cfg.eval_scenes, res, parse_objects(cfg.objects), seed0, cfg.object_scale,
-                             cfg.upright)
+        scenes = eval_scenes(combos, cfg.eval_scenes, res, parse_objects(cfg.objects), seed0, **cfg.scene_args)
         report[name], report[f"{name}_truth"] = evaluate(model, scenes, cfg, train_cfg.fg_fill,
                                                          out / f"samples-{name}.png")
     report["eval_minutes"] = round((time.time() - t0) / 60, 2)

@@ -141,7 +141,7 @@ def compare_on_fidelity(model_dir: str, n: int = 64, guidance_scale: float = 3.0
     res, k_max = model.config.resolution, model.config.max_layers
     rows = []
     for split, combos, seed0 in (("seen", seen, EVAL_SEED0), ("held_out", held, 2 * EVAL_SEED0)):
-        scenes = eval_scenes(combos, n, res, parse_objects(cfg.objects), seed0, cfg.object_scale)
+        scenes = eval_scenes(combos, n, res, parse_objects(cfg.objects), seed0, **cfg.scene_args)
         examples = [to_example(scene_sample(s, f"eval-{s.seed}"), res, k_max, fg_fill) for s in scenes]
         for mode, outside in modes:
             generator = torch.Generator().manual_seed(seed + 777)

@@ -56,7 +56,7 @@ def probe(model: Any, n_scenes: int = 48, timesteps: tuple[int, ...] = PROBE_TIM
     cfg = FidelityConfig()
     seen, _ = split_combos(cfg.holdout_fraction, seed=cfg.seed)
     res, k = model.config.resolution, model.config.max_layers
-    scenes = eval_scenes(seen, n_scenes, res, (1, 1), EVAL_SEED0, cfg.object_scale)
+    scenes = eval_scenes(seen, n_scenes, res, (1, 1), EVAL_SEED0, **cfg.scene_args)
     examples = [to_example(scene_sample(s, f"probe-{s.seed}"), res, k, fg_fill) for s in scenes]
     shapes = [s.shapes[0] for s in scenes]
     others = [SHAPES[(SHAPES.index(s) + len(SHAPES) // 2) % len(SHAPES)] for s in shapes]

@@ -339,11 +339,11 @@ class LayerDiffModel(nn.Module):
         t = self._sample_timesteps(b, generator, gen_device)
         noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype)
         t, noise = t.to(self.device), noise.to(self.device)
-        if self.config.input_perturbation > 0:  # the target below keeps the unperturbed noise
+        noise_in = noise  # the target below keeps the unperturbed noise
+        if self.config.input_perturbation > 0:
             extra = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(self.device)
-            x_t = self.add_noise(x0, noise + self.config.input_perturbation * extra, t)
-        else:
-            x_t = self.add_noise(x0, noise, t)
+            noise_in = noise + self.config.input_perturbation * extra
+        x_t = self.add_noise(x0, noise_in, t)
         context = self.encode_prompts(batch["prompt"], batch["layer_prompts"])
         x0_prev = None
         if self.config.self_conditioning:  # half of the batches see the model's own first estimate

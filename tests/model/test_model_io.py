@@ -212,19 +212,25 @@ def test_self_conditioning_trains_feeds_back_x0_and_round_trips(tmp_path: Path) 
 def test_input_perturbation_adds_fresh_noise_to_the_input_only() -> None:
     batch = make_batch([1, 3])
     inputs: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+    target_noise: dict[float, torch.Tensor] = {}
     for gamma in (0.0, 0.5):
         torch.manual_seed(0)
         model = LayerDiffModel.from_config_name("tiny", input_perturbation=gamma)
-        predict = model.predict
+        predict, target = model.predict, model.target
 
         def recording_predict(x_t, timesteps, context, present, x0_prev=None, _p=predict, _g=gamma):
             inputs[_g] = (x_t.detach().clone(), timesteps)
             return _p(x_t, timesteps, context, present, x0_prev)
 
-        model.predict = recording_predict  # type: ignore[method-assign]
+        def recording_target(x0, noise, timesteps, _t=target, _g=gamma):
+            target_noise[_g] = noise.clone()
+            return _t(x0, noise, timesteps)
+
+        model.predict, model.target = recording_predict, recording_target  # type: ignore[method-assign]
         assert torch.isfinite(model.training_loss(batch, torch.Generator().manual_seed(3))["loss"])
     (x_plain, t), (x_perturbed, t_p) = inputs[0.0], inputs[0.5]
     assert torch.equal(t, t_p)  # same timesteps and first noise: only the extra noise differs
+    assert torch.equal(target_noise[0.0], target_noise[0.5])  # the target keeps the unperturbed noise
     extra = (x_perturbed - x_plain).flatten(1)
     expected_std = 0.5 * (1 - model._alpha(t, 2)).sqrt().flatten()  # sqrt(1 - alpha_bar) * gamma * N(0, 1)
     torch.testing.assert_close(extra.std(dim=1), expected_std, rtol=0.1, atol=1e-3)

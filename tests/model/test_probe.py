@@ -17,7 +17,7 @@ def test_probe_reads_an_oracle_model(tmp_path: Path) -> None:
     model = LayerDiffModel.from_config_name("tiny").eval()
     cfg = FidelityConfig()
     seen, _ = split_combos(cfg.holdout_fraction, seed=cfg.seed)
-    scenes = eval_scenes(seen, 4, 32, (1, 1), EVAL_SEED0, cfg.object_scale)  # the probe's own scenes
+    scenes = eval_scenes(seen, 4, 32, (1, 1), EVAL_SEED0, **cfg.scene_args)  # the probe's own scenes
     layers = torch.stack([to_example(scene_sample(s, "k"), 32, 3)["layers"] for s in scenes])
     present = torch.stack([to_example(scene_sample(s, "k"), 32, 3)["present"] for s in scenes])
     truth = model.encode_layers(layers, present)
