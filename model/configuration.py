@@ -28,6 +28,11 @@ class LayerDiffConfig:
     pixel_space: bool = True  # True: no VAE, a "latent" is the [-1, 1] image itself
     pretrained_path: str | None = None  # local diffusers SD 1.5 folder (sd15 only); provenance once saved
     patch_size: int = 1  # space-to-depth stem of the UNet (the diffusion still runs on whole layers)
+    # The UNet also gets two coordinate channels (x, y in [-1, 1]; CoordConv, Liu et al. 2018): a
+    # convolution alone does not know where it is, so drawing an outline around a centre it has to
+    # locate is a coordinate transform convolutions learn badly; with coordinates, attention can
+    # average the position of an object's pixels and every pixel can tell its offset from it.
+    coord_channels: bool = False
 
     # Objective and noise schedule (the schedule is stored as a diffusers DDPMScheduler config).
     prediction_type: str = "v_prediction"
@@ -251,9 +256,15 @@ def tiny_config(**overrides: Any) -> LayerDiffConfig:
         text_encoder=copy.deepcopy(TINY_TEXT_ENCODER),
     )
     config = base.replace(**overrides)
-    if config.self_conditioning and "in_channels" not in overrides.get("unet", {}):
-        config = config.replace(unet={"in_channels": 2 * config.unet["out_channels"]})
+    if "in_channels" not in overrides.get("unet", {}):
+        config = config.replace(unet={"in_channels": unet_in_channels(config, config.unet["out_channels"])})
     return config
+
+
+def unet_in_channels(config: LayerDiffConfig, channels: int) -> int:
+    """The UNet's input channels for ``channels`` per (patched) layer: x_t, the x0 estimate when
+    self-conditioning, the two coordinate channels when ``coord_channels``."""
+    return channels * (2 if config.self_conditioning else 1) + (2 if config.coord_channels else 0)
 
 
 def sd15_config(pretrained_path: str | None = None, **overrides: Any) -> LayerDiffConfig:

@@ -229,6 +229,23 @@ def eval_scenes(combos: Sequence[tuple[str, str]], n: int, size: int, n_objects:
             for i in range(n)]
 
 
+def check_scene_shards(data: Path, cfg: FidelityConfig, held: Sequence[tuple[str, str]]) -> None:
+    """Fail before training when existing shards (``--data``) were written for other scenes than
+    ``cfg`` evaluates on (object scale, upright, objects per scene, held-out combinations): the
+    scores would silently measure a mismatch. Keys a manifest lacks are taken at their default."""
+    written = json.loads((data / "manifest.json").read_text()).get("config", {})
+    defaults = FidelityConfig().scene_args  # (shards from before an option existed were written at its default)
+    wanted = {**cfg.scene_args, "objects": list(parse_objects(cfg.objects)),
+              "excluded_combos": sorted(list(c) for c in held)}
+    for key, value in wanted.items():
+        have = written.get(key, defaults.get(key))
+        if key == "excluded_combos" and have is not None:
+            have = sorted(list(c) for c in have)
+        if have is not None and have != value:
+            raise ValueError(f"{data}/manifest.json: shards written with {key}={have!r}, the benchmark "
+                             f"asks for {key}={value!r} (a --data folder of other scenes)")
+
+
 def parse_objects(text: str) -> tuple[int, int]:
     """ "1-3" -> (1, 3); "2" -> (2, 2)."""
     lo, _, hi = text.partition("-")
@@ -328,6 +345,7 @@ def run(cfg: FidelityConfig) -> dict[str, Any]:
                            parse_objects(cfg.objects), **cfg.scene_args)
         report["data_seconds"] = round(time.time() - t0, 1)
         print(f"wrote {cfg.train_scenes} scenes to {data} in {report['data_seconds']} s", file=sys.stderr)
+    check_scene_shards(data, cfg, held)
     train_cfg.data = str(data)
 
     # 2. train

@@ -1,7 +1,7 @@
 #!/bin/bash
 # The fidelity benchmark's recipe on one GPU, several variants trained at once, each for $MIN wall
 # minutes, then scored twice (DDIM eta 0 with 25 steps, as the benchmark; eta 1 with 50 steps).
-# BENCHMARKS.md "Session 5: the recipe on a GPU". Logs: $OUT/log.txt; per run $OUT/<run>.{train,eta1}.log,
+# BENCHMARKS.md "Session 5: the recipe on a GPU" and "Session 6". Logs: $OUT/log.txt; per run $OUT/<run>.{train,eta1}.log,
 # the reports $OUT/<run>.md and <run>.eta1.md, and $OUT/<run>.tgz (fidelity.json, grids, loss plot, CSV).
 #
 # Carried to a bare GPU machine (python3 with torch, numpy, scipy, PIL, cv2, yaml) in .gpu/ (git-ignored: carry it):
@@ -47,7 +47,8 @@ run() {  # run NAME TRAIN-ARGS...: train + score (eta 0), then score again with 
   el "$name done"
 }
 
-# SET=compare: three recipes at once (the GPU time-slices between them); SET=big: one recipe alone
+# SET=compare: three recipes at once (the GPU time-slices between them); SET=maskscale: two more
+# (session 6); SET=big: one recipe alone
 # at batch 512 (0.3 s a step on an H200 vs 0.23 s at batch 64 when three share it: more samples per second).
 if [ "${SET:-compare}" = compare ]; then
   RUNS=(A-w16 B-preset C-wide)
@@ -55,6 +56,12 @@ if [ "${SET:-compare}" = compare ]; then
   run B-preset batch_size=64 & P2=$!
   run C-wide batch_size=64 lr=0.001 'model_args={"unet": {"block_out_channels": [64, 128, 128], "layers_per_block": 2}}' & P3=$!
   wait $P1 $P2 $P3  # (a bare wait would also wait for the tee above)
+elif [ "${SET:-}" = maskscale ]; then  # session 6: masks at input scale 0.3 / 0.2 (role_input_scale)
+  RUNS=(F-mask030 G-mask020)
+  UW='"unet": {"block_out_channels": [16, 24, 32]}'
+  run F-mask030 batch_size=64 "model_args={\"role_input_scale\": [1.0, 1.0, 0.3], $UW}" & P1=$!
+  run G-mask020 batch_size=64 "model_args={\"role_input_scale\": [1.0, 1.0, 0.2], $UW}" & P2=$!
+  wait $P1 $P2
 else
   RUNS=(D-b512)
   [ "$DRY" = 0 ] && LW=12

@@ -14,7 +14,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from model.configuration import LayerDiffConfig, get_config
+from model.configuration import LayerDiffConfig, get_config, unet_in_channels
 from model.layers import compose, distance_to_masks, masks_to_distance, slot_prompt_index, slot_roles
 from model.modeling.layer_attention import LayerAdapter, LayeredUNet
 from model.modeling.prompt_enhancer import PromptEnhancer
@@ -49,7 +49,7 @@ class LayerDiffModel(nn.Module):
         if adapter.config.max_layers != config.max_layers:
             raise ValueError(f"adapter max_layers {adapter.config.max_layers} != config {config.max_layers}")
         self.config = config
-        self.unet = LayeredUNet(unet, adapter, config.patch_size)
+        self.unet = LayeredUNet(unet, adapter, config.patch_size, config.coord_channels)
         self.prompt_enhancer = prompt_enhancer
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -147,10 +147,12 @@ class LayerDiffModel(nn.Module):
                              f"hidden size {self.text_encoder.config.hidden_size}")
         p = self.config.patch_size
         channels, size = self.latent_shape[0] * p * p, self.latent_shape[1]
-        inputs = 2 * channels if self.config.self_conditioning else channels  # x_t (+ the x0 estimate)
+        inputs = unet_in_channels(self.config, channels)
         if unet_cfg.in_channels != inputs or unet_cfg.out_channels != channels:
+            extra = "".join([", x2 in for self-conditioning" * self.config.self_conditioning,
+                             ", + 2 coordinate channels in" * self.config.coord_channels])
             raise ValueError(f"UNet channels {unet_cfg.in_channels}/{unet_cfg.out_channels} != {inputs}/{channels} "
-                             f"(latent channels x patch_size^2{', x2 in for self-conditioning' if inputs > channels else ''})")
+                             f"(latent channels x patch_size^2{extra})")
         down = p * 2 ** (len(unet_cfg.block_out_channels) - 1)
         if size % down:
             raise ValueError(f"latent size {size} is not a multiple of the UNet's {down}x downsampling")

@@ -209,6 +209,33 @@ def test_self_conditioning_trains_feeds_back_x0_and_round_trips(tmp_path: Path) 
     torch.testing.assert_close(again, out)
 
 
+def test_coord_channels_reach_the_unet_and_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = LayerDiffModel.from_config_name("tiny", coord_channels=True)
+    assert model.unet.unet.config.in_channels == model.unet.unet.config.out_channels + 2
+    seen: list[torch.Tensor] = []
+    model.unet.unet.conv_in.register_forward_hook(lambda m, args, out: seen.append(args[0].detach()))
+    batch = make_batch([1, 3])
+    model.training_loss(batch, torch.Generator().manual_seed(0))["loss"].backward()
+    x = seen[0]
+    h = w = model.config.resolution // model.config.patch_size
+    assert x.shape[1:] == (14, h, w)
+    xs, ys = x[:, -2], x[:, -1]  # every layer row gets the same grid: x along width, y along height
+    assert torch.equal(xs, xs[:1].expand_as(xs)) and torch.equal(ys, ys[:1].expand_as(ys))
+    assert torch.allclose(xs[0, 0], torch.linspace(-1 + 1 / w, 1 - 1 / w, w))
+    assert torch.allclose(ys[0, :, 0], torch.linspace(-1 + 1 / h, 1 - 1 / h, h))
+    assert model.unet.unet.conv_in.weight.grad[:, -2:].abs().sum() > 0  # the coordinates are used
+    model.save_pretrained(tmp_path / "m")
+    loaded = LayerDiffModel.from_pretrained(tmp_path / "m")
+    assert loaded.config.coord_channels and loaded.unet.coord_channels
+    with torch.no_grad():
+        la = model.training_loss(batch, torch.Generator().manual_seed(1))["loss"]
+        lb = loaded.training_loss(batch, torch.Generator().manual_seed(1))["loss"]
+    assert torch.equal(la, lb)
+    with pytest.raises(ValueError, match="coordinate channels"):
+        LayerDiffModel.from_config_name("tiny", coord_channels=True, unet={"in_channels": 12})
+
+
 def test_input_perturbation_adds_fresh_noise_to_the_input_only() -> None:
     batch = make_batch([1, 3])
     inputs: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
