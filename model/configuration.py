@@ -28,10 +28,9 @@ class LayerDiffConfig:
     pixel_space: bool = True  # True: no VAE, a "latent" is the [-1, 1] image itself
     pretrained_path: str | None = None  # local diffusers SD 1.5 folder (sd15 only); provenance once saved
     patch_size: int = 1  # space-to-depth stem of the UNet (the diffusion still runs on whole layers)
-    # The UNet also gets two coordinate channels (x, y in [-1, 1]; CoordConv, Liu et al. 2018): a
-    # convolution alone does not know where it is, so drawing an outline around a centre it has to
-    # locate is a coordinate transform convolutions learn badly; with coordinates, attention can
-    # average the position of an object's pixels and every pixel can tell its offset from it.
+    # The UNet also gets two coordinate channels (x, y in [-1, 1]; CoordConv, Liu et al. 2018), so
+    # attention could average where an object's pixels are and each pixel tell its offset from it.
+    # Tried against the fidelity benchmark's shape failure; it did not help (BENCHMARKS.md).
     coord_channels: bool = False
 
     # Objective and noise schedule (the schedule is stored as a diffusers DDPMScheduler config).

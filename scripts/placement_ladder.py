@@ -7,6 +7,7 @@ MODE (every scene one object; BENCHMARKS.md, "Session 5" and "Session 6"):
   CU  centred, one size (circumradius 0.3 of the image), upright
   CR  as CU with a random rotation
   FP  one size (circumradius 0.2), random position, upright
+  FR  as FP with a random rotation
   CS  centred, random size (circumradius 0.15-0.3), upright
 (triangle, star and diamond x1.2, as in ``datagen.scenes``). JSON: more ``FidelityConfig`` fields,
 e.g. '{"skip_train": true, "eta": 1.0}'; its "train_args" are merged over the default
@@ -28,7 +29,7 @@ import numpy as np
 import datagen.scenes as scenes
 from model.fidelity import FidelityConfig, run
 
-MODES = ("CU", "CR", "FP", "CS")
+MODES = ("CU", "CR", "FP", "FR", "CS")
 
 
 def placement(mode: str):
@@ -40,13 +41,14 @@ def placement(mode: str):
         cx = cy = 0.5
         if mode in ("CU", "CR"):
             r = 0.3 * f
-        elif mode == "FP":
+        elif mode in ("FP", "FR"):
             r = 0.2 * f
             lo, hi = r + 0.03, 1 - r - 0.03
             cx, cy = float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))
         else:  # CS
             r = float(rng.uniform(0.15, 0.3)) * f
-        angle = float(rng.uniform(0, 2 * math.pi)) if mode == "CR" else scenes.UPRIGHT_ANGLES[shapes[0]]
+        rotated = mode in ("CR", "FR")
+        angle = float(rng.uniform(0, 2 * math.pi)) if rotated else scenes.UPRIGHT_ANGLES[shapes[0]]
         return [scenes.ShapeSpec(shapes[0], colours[0], cx, cy, r, angle)]
 
     return place
@@ -61,7 +63,7 @@ def main(argv: list[str]) -> int:
     extra = json.loads(argv[3]) if len(argv) > 3 else {}
     train_args = {"model_args": {"unet": {"block_out_channels": [16, 24, 32]}}, **extra.pop("train_args", {})}
     scenes._place = placement(mode)
-    run(FidelityConfig(out=out, minutes=minutes, objects="1", upright=mode != "CR", train_args=train_args, **extra))
+    run(FidelityConfig(out=out, minutes=minutes, objects="1", upright=mode not in ("CR", "FR"), train_args=train_args, **extra))
     print(open(f"{out}/fidelity.md").read())
     return 0
 
