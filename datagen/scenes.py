@@ -214,15 +214,19 @@ UPRIGHT_ANGLES = {"circle": 0.0, "square": math.pi / 4, "triangle": -math.pi / 2
                   "hexagon": 0.0, "diamond": -math.pi / 2}
 
 
+def circumradius(shape: str, r: float) -> float:
+    """The circumradius that gives ``shape`` about the area of a circle-ish shape of radius ``r``:
+    triangle, star and diamond fill less of their circle, so they are drawn 1.2x larger."""
+    return r * 1.2 if shape in ("triangle", "star", "diamond") else r
+
+
 def _place(rng: np.random.Generator, n: int, shapes: Sequence[str],
            colours: Sequence[str], object_scale: float = 1.0, upright: bool = False) -> list[ShapeSpec] | None:
     """Random placements (inside the frame, each layer mostly visible), or None on failure."""
     specs: list[ShapeSpec] = []
     scale = {1: (0.12, 0.24), 2: (0.10, 0.20), 3: (0.09, 0.17)}[min(n, 3)]
     for k in range(n):
-        r = float(rng.uniform(*scale)) * object_scale
-        if shapes[k] in ("triangle", "star", "diamond"):
-            r *= 1.2  # these fill less of their circle; keep areas comparable
+        r = circumradius(shapes[k], float(rng.uniform(*scale)) * object_scale)
         lo, hi = r + 0.03, 1 - r - 0.03
         if k and rng.random() < 0.6:  # overlap an earlier shape, so occlusion is common
             other = specs[int(rng.integers(len(specs)))]

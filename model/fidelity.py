@@ -232,9 +232,14 @@ def eval_scenes(combos: Sequence[tuple[str, str]], n: int, size: int, n_objects:
 def check_scene_shards(data: Path, cfg: FidelityConfig, held: Sequence[tuple[str, str]]) -> None:
     """Fail before training when existing shards (``--data``) were written for other scenes than
     ``cfg`` evaluates on (object scale, upright, objects per scene, held-out combinations): the
-    scores would silently measure a mismatch. Keys a manifest lacks are taken at their default."""
+    scores would silently measure a mismatch. A scene option a manifest lacks is ``make_scene``'s default."""
+    import inspect
+
+    from datagen.scenes import make_scene
+
     written = json.loads((data / "manifest.json").read_text()).get("config", {})
-    defaults = FidelityConfig().scene_args  # (shards from before an option existed were written at its default)
+    # shards from before a make_scene option existed were written at its default
+    defaults = {k: p.default for k, p in inspect.signature(make_scene).parameters.items()}
     wanted = {**cfg.scene_args, "objects": list(parse_objects(cfg.objects)),
               "excluded_combos": sorted(list(c) for c in held)}
     for key, value in wanted.items():

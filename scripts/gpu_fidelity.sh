@@ -47,9 +47,9 @@ run() {  # run NAME TRAIN-ARGS...: train + score (eta 0), then score again with 
   el "$name done"
 }
 
-# SET=compare: three recipes at once (the GPU time-slices between them); SET=maskscale: two more
-# (session 6); SET=big: one recipe alone
-# at batch 512 (0.3 s a step on an H200 vs 0.23 s at batch 64 when three share it: more samples per second).
+# SET=compare: three recipes at once (the GPU time-slices between them); SET=maskscale: two mask
+# input scales (session 6); SET=big: one recipe alone at batch 512 (0.3 s a step on an H200 vs 0.23 s
+# at batch 64 when three share it: more samples per second).
 if [ "${SET:-compare}" = compare ]; then
   RUNS=(A-w16 B-preset C-wide)
   run A-w16 batch_size=64 'model_args={"unet": {"block_out_channels": [16, 24, 32]}}' & P1=$!

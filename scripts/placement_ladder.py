@@ -9,7 +9,7 @@ MODE (every scene one object; BENCHMARKS.md, "Session 5" and "Session 6"):
   FP  one size (circumradius 0.2), random position, upright
   FR  as FP with a random rotation
   CS  centred, random size (circumradius 0.15-0.3), upright
-(triangle, star and diamond x1.2, as in ``datagen.scenes``). JSON: more ``FidelityConfig`` fields,
+(triangle, star and diamond x1.2: ``datagen.scenes.circumradius``). JSON: more ``FidelityConfig`` fields,
 e.g. '{"skip_train": true, "eta": 1.0}'; its "train_args" are merged over the default
 '{"model_args": {"unet": {"block_out_channels": [16, 24, 32]}}}'.
 
@@ -37,16 +37,15 @@ def placement(mode: str):
 
     def place(rng: np.random.Generator, n: int, shapes: Sequence[str], colours: Sequence[str],
               object_scale: float = 1.0, upright: bool = False) -> list[scenes.ShapeSpec]:
-        f = 1.2 if shapes[0] in ("triangle", "star", "diamond") else 1.0
         cx = cy = 0.5
         if mode in ("CU", "CR"):
-            r = 0.3 * f
+            r = scenes.circumradius(shapes[0], 0.3)
         elif mode in ("FP", "FR"):
-            r = 0.2 * f
+            r = scenes.circumradius(shapes[0], 0.2)
             lo, hi = r + 0.03, 1 - r - 0.03
             cx, cy = float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))
         else:  # CS
-            r = float(rng.uniform(0.15, 0.3)) * f
+            r = scenes.circumradius(shapes[0], float(rng.uniform(0.15, 0.3)))
         rotated = mode in ("CR", "FR")
         angle = float(rng.uniform(0, 2 * math.pi)) if rotated else scenes.UPRIGHT_ANGLES[shapes[0]]
         return [scenes.ShapeSpec(shapes[0], colours[0], cx, cy, r, angle)]
