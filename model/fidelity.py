@@ -206,6 +206,13 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         ls = [r for rec in records if len(rec["layers"]) == k for r in rec["layers"]]
         by_k[str(k)] = {"fg_colour": round(mean([r["colour_ok"] for r in ls]), 3),
                         "shape": round(mean([r["shape_ok"] for r in ls]), 3), "fg_layers": len(ls)}
+    by_shape: dict[str, dict[str, Any]] = {}
+    for r in layers:  # per prompted shape: share right and what the classifier called it
+        entry = by_shape.setdefault(r["shape"], {"shape": 0.0, "fg_layers": 0, "predicted": {}})
+        entry["fg_layers"] += 1
+        entry["predicted"][str(r["shape_pred"])] = entry["predicted"].get(str(r["shape_pred"]), 0) + 1
+    for name, entry in by_shape.items():
+        entry["shape"] = round(entry["predicted"].get(name, 0) / entry["fg_layers"], 3)
     return {
         "fg_colour": mean([r["colour_ok"] for r in layers]),
         "shape": mean([r["shape_ok"] for r in layers]),
@@ -216,6 +223,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "samples": len(records),
         "fg_layers": len(layers),
         "by_objects": by_k,
+        "by_shape": dict(sorted(by_shape.items())),
     }
 
 
@@ -391,6 +399,11 @@ def markdown(report: dict[str, Any]) -> str:
                          for k, v in report[split]["by_objects"].items())
         truth = ", ".join(f"{k}: {v['shape']}" for k, v in report[f"{split}_truth"]["by_objects"].items())
         rows.append(f"- {split} by objects per scene: {by_k}; shape on true layers: {truth}")
+        by_shape = "; ".join(
+            f"{name} {v['shape']} of {v['fg_layers']} ("
+            + ", ".join(f"{p} {n}" for p, n in sorted(v["predicted"].items(), key=lambda kv: -kv[1])) + ")"
+            for name, v in report[split]["by_shape"].items())
+        rows.append(f"- {split} by prompted shape, right of layers (classified as): {by_shape}")
     train = report.get("train", {})
     rows.append("")
     rows.append(f"steps {train.get('step', '?')}, {train.get('minutes', '?')} min training, "
