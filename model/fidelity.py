@@ -23,7 +23,8 @@ budget, then sample seen and held-out (colour, shape) combinations and score the
    The same scores on the true layers of the same scenes give the ceiling of the measures
    (``classify_shape`` itself is ~93% right on true 32 px masks).
 
-Writes ``OUT/fidelity.json``, ``OUT/fidelity.md``, ``OUT/loss.png`` and sample grids.
+Writes ``OUT/fidelity.json``, ``OUT/fidelity.md`` (colour and shape by objects per scene, and by
+prompted shape with what the classifier called each layer), ``OUT/loss.png`` and sample grids.
 """
 
 from __future__ import annotations
