@@ -1,4 +1,4 @@
-"""The fidelity benchmark refuses existing shards written for other scenes than it scores on."""
+"""The fidelity benchmark: it refuses shards written for other scenes, and its report counts each prompted shape."""
 
 from __future__ import annotations
 
@@ -7,8 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from datagen.scenes import split_combos
-from model.fidelity import FidelityConfig, check_scene_shards, write_scene_shards
+from datagen.scenes import ShapeSpec, make_scene, shape_mask, split_combos
+from model.fidelity import (
+    FidelityConfig,
+    check_scene_shards,
+    markdown,
+    scene_sample,
+    score_sample,
+    summarize,
+    to_example,
+    verdict,
+    write_scene_shards,
+)
 
 
 def test_existing_shards_must_match_the_benchmark_scenes(tmp_path: Path) -> None:
@@ -27,13 +37,11 @@ def test_existing_shards_must_match_the_benchmark_scenes(tmp_path: Path) -> None
 
 
 def test_report_counts_each_prompted_shape_and_what_it_was_classified_as() -> None:
-    from datagen.scenes import ShapeSpec, make_scene, shape_mask
-    from model.fidelity import scene_sample, score_sample, summarize, to_example
-
     scenes = [make_scene(seed, 32, object_scale=1.5) for seed in range(6)]
     examples = [to_example(scene_sample(s, f"s{s.seed}"), 32, 3) for s in scenes]
-    # the first object of scene 0 drawn as a large disc instead: a wrong shape, unless it is a circle
+    # the first object of scene 0 (a triangle) drawn as a large disc instead: a wrong shape
     first = scenes[0].specs[0]
+    assert first.shape != "circle"
     disc = shape_mask(ShapeSpec("circle", first.colour, 0.5, 0.5, 0.35, 0.0), 32)
     layers = examples[0]["layers"].clone()
     layers[1 + 3] = torch.from_numpy(disc).float()[None].expand(3, -1, -1) * 2 - 1
@@ -46,6 +54,13 @@ def test_report_counts_each_prompted_shape_and_what_it_was_classified_as() -> No
     right = sum(v["predicted"].get(name, 0) for name, v in by_shape.items())
     assert right / report["fg_layers"] == pytest.approx(report["shape"])
     assert by_shape[first.shape]["predicted"].get("circle", 0) >= 1  # the disc was counted as one
+    assert by_shape[first.shape]["shape"] < 1.0
     for name, v in by_shape.items():
         assert sum(v["predicted"].values()) == v["fg_layers"]
         assert v["shape"] == round(v["predicted"].get(name, 0) / v["fg_layers"], 3)
+
+    text = markdown({"seen": report, "held_out": report, "seen_truth": report, "held_out_truth": report,
+                     "pass": verdict(report, report), "eval_minutes": 0.0, "loss_curve": []})
+    line = next(row for row in text.splitlines() if row.startswith("- seen by prompted shape"))
+    assert f"{first.shape} {by_shape[first.shape]['shape']} of {by_shape[first.shape]['fg_layers']} (" in line
+    assert "circle" in line.split(f"{first.shape} ", 1)[1].split(")")[0]
