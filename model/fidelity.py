@@ -37,6 +37,7 @@ import json
 import sys
 import tarfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,13 +208,11 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         ls = [r for rec in records if len(rec["layers"]) == k for r in rec["layers"]]
         by_k[str(k)] = {"fg_colour": round(mean([r["colour_ok"] for r in ls]), 3),
                         "shape": round(mean([r["shape_ok"] for r in ls]), 3), "fg_layers": len(ls)}
-    by_shape: dict[str, dict[str, Any]] = {}
-    for r in layers:  # per prompted shape: share right and what the classifier called it
-        entry = by_shape.setdefault(r["shape"], {"shape": 0.0, "fg_layers": 0, "predicted": {}})
-        entry["fg_layers"] += 1
-        entry["predicted"][str(r["shape_pred"])] = entry["predicted"].get(str(r["shape_pred"]), 0) + 1
-    for name, entry in by_shape.items():
-        entry["shape"] = round(entry["predicted"].get(name, 0) / entry["fg_layers"], 3)
+    called: dict[str, Counter[str]] = {}  # per prompted shape: what the classifier called its layers
+    for r in layers:
+        called.setdefault(r["shape"], Counter())[str(r["shape_pred"])] += 1
+    by_shape = {name: {"shape": round(c[name] / c.total(), 3), "fg_layers": c.total(), "predicted": dict(c)}
+                for name, c in sorted(called.items())}
     return {
         "fg_colour": mean([r["colour_ok"] for r in layers]),
         "shape": mean([r["shape_ok"] for r in layers]),
@@ -224,7 +223,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "samples": len(records),
         "fg_layers": len(layers),
         "by_objects": by_k,
-        "by_shape": dict(sorted(by_shape.items())),
+        "by_shape": by_shape,
     }
 
 
