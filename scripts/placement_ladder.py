@@ -10,8 +10,9 @@ MODE (every scene one object; BENCHMARKS.md, "Session 5" and "Session 6"):
   FR  as FP with a random rotation
   CS  centred, random size (circumradius 0.15-0.3), upright
 (triangle, star and diamond x1.2: ``datagen.scenes.circumradius``). JSON: more ``FidelityConfig`` fields,
-e.g. '{"skip_train": true, "eta": 1.0}'; its "train_args" are merged over the default
-'{"model_args": {"unet": {"block_out_channels": [16, 24, 32]}}}'.
+e.g. '{"skip_train": true, "eta": 1.0}'; the keys of its "train_args" replace those of the default
+'{"model_args": {"unet": {"block_out_channels": [16, 24, 32]}}}' (a "model_args" replaces the
+default's whole, so give the widths again beside e.g. "role_input_scale").
 
 It swaps ``datagen.scenes._place`` (a private function) for the simplified placement in this
 process, so the training and evaluation scenes of ``model.fidelity.run`` both come from it.

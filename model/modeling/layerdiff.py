@@ -149,8 +149,8 @@ class LayerDiffModel(nn.Module):
         channels, size = self.latent_shape[0] * p * p, self.latent_shape[1]
         inputs = unet_in_channels(self.config, channels)
         if unet_cfg.in_channels != inputs or unet_cfg.out_channels != channels:
-            extra = "".join([", x2 in for self-conditioning" * self.config.self_conditioning,
-                             ", + 2 coordinate channels in" * self.config.coord_channels])
+            extra = (", x2 in for self-conditioning" if self.config.self_conditioning else "") + (
+                ", + 2 coordinate channels in" if self.config.coord_channels else "")
             raise ValueError(f"UNet channels {unet_cfg.in_channels}/{unet_cfg.out_channels} != {inputs}/{channels} "
                              f"(latent channels x patch_size^2{extra})")
         down = p * 2 ** (len(unet_cfg.block_out_channels) - 1)
