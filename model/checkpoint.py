@@ -70,13 +70,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
-def atomic_save_pretrained(model: Any, folder: str | os.PathLike) -> Path:
-    """``model.save_pretrained`` into a temporary folder, then swap it in for ``folder``."""
+def atomic_save_pretrained(model: Any, folder: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
+    """``model.save_pretrained`` into a temporary folder, then swap it in for ``folder``.
+
+    ``extra_files`` (name -> text) are written beside the model before the swap, so they appear with it.
+    """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         model.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         old = folder.with_name(f".{folder.name}.old")
         if folder.exists():
             shutil.rmtree(old, ignore_errors=True)

@@ -25,6 +25,8 @@ budget, then sample seen and held-out (colour, shape) combinations and score the
 
 Writes ``OUT/fidelity.json``, ``OUT/fidelity.md`` (colour and shape by objects per scene, and by
 prompted shape with what the classifier called each layer), ``OUT/loss.png`` and sample grids.
+``--snapshots 30 60`` also scores the model as it was after 30 and 60 training minutes of the same
+run (on the same scenes; the LR schedule is the one fitted to ``--minutes``): a learning curve.
 """
 
 from __future__ import annotations
@@ -79,6 +81,9 @@ class FidelityConfig:
     device: str = "cpu"  # where the evaluation samples: cpu | cuda (training's device is its use_gpu)
     data: str | None = None  # existing shards (else generated under OUT/data)
     skip_train: bool = False  # score OUT/train/model as it is
+    # Also score the model as it was after these training minutes of the same run (model.train's
+    # snapshot_minutes; the LR schedule is still the one fitted to ``minutes``): a learning curve.
+    snapshots: list[float] = field(default_factory=list)
     # model.train options over its defaults (the recipe: model.train's defaults and the tiny preset,
     # chosen on 8-CPU-minute pilots, BENCHMARKS.md "Training")
     train_args: dict[str, Any] = field(default_factory=dict)
@@ -345,7 +350,8 @@ def run(cfg: FidelityConfig) -> dict[str, Any]:
     train_cfg = TrainConfig(**{
         "out": str(out / "train"), "model": "tiny", "num_workers": 0, "max_steps": 1_000_000,
         "max_minutes": cfg.minutes, "budget_clock": "cpu", "ckpt_every": 500, "sample_every": 1000,
-        "threads": cfg.threads, "seed": cfg.seed, "progress": False, **cfg.train_args})
+        "threads": cfg.threads, "seed": cfg.seed, "progress": False, "snapshot_minutes": list(cfg.snapshots),
+        **cfg.train_args})
     report: dict[str, Any] = {"config": dataclasses.asdict(cfg), "train_config": dataclasses.asdict(train_cfg),
                               "held_out_combos": [list(c) for c in held]}
 
@@ -368,19 +374,35 @@ def run(cfg: FidelityConfig) -> dict[str, Any]:
         report["train"] = {**result, "minutes": round((time.time() - t0) / 60, 2)}
     report["loss_curve"] = plot_loss(out / "train" / "train_log.csv", out / "loss.png")
 
-    # 3. evaluate the EMA model
+    # 3. evaluate the EMA model (and its snapshots) on the same scenes
     model = LayerDiffModel.from_pretrained(out / "train" / "model").eval().to(cfg.device)
     res = model.config.resolution
     t0 = time.time()
-    for name, combos, seed0 in (("seen", seen, EVAL_SEED0), ("held_out", held, 2 * EVAL_SEED0)):
-        scenes = eval_scenes(combos, cfg.eval_scenes, res, parse_objects(cfg.objects), seed0, **cfg.scene_args)
-        report[name], report[f"{name}_truth"] = evaluate(model, scenes, cfg, train_cfg.fg_fill,
+    scenes = {name: eval_scenes(combos, cfg.eval_scenes, res, parse_objects(cfg.objects), seed0, **cfg.scene_args)
+              for name, combos, seed0 in (("seen", seen, EVAL_SEED0), ("held_out", held, 2 * EVAL_SEED0))}
+    for name, split in scenes.items():
+        report[name], report[f"{name}_truth"] = evaluate(model, split, cfg, train_cfg.fg_fill,
                                                          out / f"samples-{name}.png")
+    report["snapshots"] = score_snapshots(out / "train", scenes, cfg, train_cfg.fg_fill)
     report["eval_minutes"] = round((time.time() - t0) / 60, 2)
     report["pass"] = verdict(report["seen"], report["held_out"])
     (out / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "fidelity.md").write_text(markdown(report))
     return report
+
+
+def score_snapshots(train_out: Path, scenes: dict[str, Sequence[Any]], cfg: FidelityConfig,
+                    fg_fill: str) -> list[dict[str, Any]]:
+    """Score every model ``model.train`` saved under TRAIN_OUT/snapshots (by minute) on ``scenes``."""
+    from model import LayerDiffModel
+
+    rows = []
+    for folder in (train_out / "snapshots").glob("minute-*"):
+        info = json.loads((folder / "snapshot.json").read_text())
+        model = LayerDiffModel.from_pretrained(folder).eval().to(cfg.device)
+        scores = {name: evaluate(model, split, cfg, fg_fill)[0] for name, split in scenes.items()}
+        rows.append({**info, **{name: {k: s[k] for k in BARS} for name, s in scores.items()}})
+    return sorted(rows, key=lambda r: r["minute"])
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -404,6 +426,12 @@ def markdown(report: dict[str, Any]) -> str:
             + ", ".join(f"{p} {n}" for p, n in sorted(v["predicted"].items(), key=lambda kv: -kv[1])) + ")"
             for name, v in report[split]["by_shape"].items())
         rows.append(f"- {split} by prompted shape, right of layers (classified as): {by_shape}")
+    if report.get("snapshots"):
+        rows += ["", "| training minutes (snapshot) | step | " + " | ".join(f"{m} seen / held-out" for m in BARS) + " |",
+                 "|---|---|" + "---|" * len(BARS)]
+        for snap in report["snapshots"]:
+            rows.append(f"| {snap['minute']:g} | {snap['step']} | " + " | ".join(
+                f"{snap['seen'][m]:.3f} / {snap['held_out'][m]:.3f}" for m in BARS) + " |")
     train = report.get("train", {})
     rows.append("")
     rows.append(f"steps {train.get('step', '?')}, {train.get('minutes', '?')} min training, "
@@ -422,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
                                 help="model.train option (JSON value) over its defaults, e.g. batch_size=32")
         elif isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif isinstance(default, list):  # --snapshots 10 20
+            parser.add_argument(flag, type=float, nargs="*", default=default)
         else:
             parser.add_argument(flag, type={int: int, float: float}.get(type(default), str), default=default)
     args = vars(parser.parse_args(argv))

@@ -10,7 +10,8 @@ Runs in-process (``--num-workers 0``) or on Ray Train's TorchTrainer with DDP (`
 ``OUT`` gets ``checkpoints/step-*.pt`` (every ``--ckpt-every`` steps, atomic, the last
 ``--keep-last`` kept; ``--resume`` continues from the newest), ``model/`` (the EMA weights,
 ``LayerDiffModel.from_pretrained``), ``samples/step-*.png`` (sampled grids), ``train_log.csv``
-and TensorBoard events in ``tb/``. With several workers on several machines, OUT and the data
+and TensorBoard events in ``tb/``; ``--snapshot-minutes 10 20`` also keeps the EMA model as it was
+at those minutes of the budget clock in ``snapshots/minute-M/``. With several workers on several machines, OUT and the data
 must be on storage every worker sees.
 
 The loop in :func:`train` reads top to bottom: setup, model + EMA + optimizer + schedule, resume,
@@ -93,6 +94,9 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     resume: bool = False
+    # The EMA model is also saved as OUT/snapshots/minute-M when the budget clock passes M minutes: a
+    # learning curve of one run (model.fidelity scores each), without stopping or re-scheduling it.
+    snapshot_minutes: list[float] = field(default_factory=list)
     # execution
     num_workers: int = 1  # Ray Train workers; 0 = run in this process without Ray
     use_gpu: bool = False
@@ -348,6 +352,19 @@ def sample_grid(state: TrainState, cfg: TrainConfig, grid: dict[str, Any], path:
     return save_grid(path, layers, grid["present"], grid["prompt"], grid["layer_prompts"])
 
 
+def snapshot_dir(out: Path, minute: float) -> Path:
+    """Where the EMA model is saved when the budget clock passes ``minute`` (``snapshot_minutes``)."""
+    return Path(out) / "snapshots" / f"minute-{minute:g}"
+
+
+def save_snapshot(state: TrainState, out: Path, minute: float) -> Path:
+    """The EMA model as it is now, with ``snapshot.json`` (minute, step, clock seconds) beside it."""
+    info = {"minute": minute, "step": state.step, "clock_s": round(state.seconds, 1)}
+    with state.ema.applied_to(state.model):
+        return ckpt.atomic_save_pretrained(state.model, snapshot_dir(out, minute),
+                                           {"snapshot.json": json.dumps(info) + "\n"})
+
+
 def save_all(state: TrainState, cfg: TrainConfig, out: Path) -> None:
     """Checkpoint (atomic, keep-last-k) and the EMA model as ``OUT/model``."""
     ckpt.save_checkpoint(out / "checkpoints", state.step, state.state_dict(cfg), cfg.keep_last)
@@ -419,6 +436,7 @@ def train(cfg: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     t0, t_wall, t_log, window = clock() - state.seconds, time.time(), time.time(), []
     samples_per_step = cfg.batch_size * cfg.grad_accum * dist.world_size
     budget_s, metrics = cfg.max_minutes * 60, {}
+    snapshots = sorted(m for m in cfg.snapshot_minutes if m * 60 > state.seconds)  # those not yet passed
     while state.step < cfg.max_steps:
         if budget_s > 0:  # the cosine follows the time used (the same on every rank)
             state.schedule.time_fraction = _agree(min(1.0, (clock() - t0) / budget_s), dist)
@@ -440,6 +458,10 @@ def train(cfg: TrainConfig | dict[str, Any]) -> dict[str, Any]:
                                     "samples_per_s": samples_per_step * len(window) / max(now - t_log, 1e-9),
                                     "elapsed_s": now - t_wall, "clock_s": state.seconds})
             window, t_log = [], now
+        while snapshots and state.seconds >= snapshots[0] * 60:
+            minute = snapshots.pop(0)
+            if dist.main:
+                save_snapshot(state, out, minute)
         if dist.main and (state.step % cfg.ckpt_every == 0 or last):
             save_all(state, cfg, out)
         if dist.main and (state.step % cfg.sample_every == 0 or last):
@@ -530,6 +552,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                                 help="model config override (JSON value), e.g. max_layers=3")
         elif isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif isinstance(default, list):  # snapshot_minutes: --snapshot-minutes 10 20
+            parser.add_argument(flag, type=float, nargs="*", default=default)
         else:
             kind = {int: int, float: float}.get(type(default), str)
             parser.add_argument(flag, type=kind, default=default)

@@ -1,4 +1,5 @@
-"""The fidelity benchmark: it refuses shards written for other scenes, and its report counts each prompted shape."""
+"""The fidelity benchmark: it refuses shards written for other scenes, its report counts each prompted shape,
+and it scores a run's snapshots as their own models."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import torch
 
 from datagen.scenes import ShapeSpec, make_scene, shape_mask, split_combos
 from model.fidelity import (
+    EVAL_SEED0,
     FidelityConfig,
     check_scene_shards,
+    eval_scenes,
+    evaluate,
     markdown,
     scene_sample,
     score_sample,
+    score_snapshots,
     summarize,
     to_example,
     verdict,
@@ -64,3 +69,34 @@ def test_report_counts_each_prompted_shape_and_what_it_was_classified_as() -> No
     line = next(row for row in text.splitlines() if row.startswith("- seen by prompted shape"))
     assert f"{first.shape} {by_shape[first.shape]['shape']} of {by_shape[first.shape]['fg_layers']} (" in line
     assert "circle" in line.split(f"{first.shape} ", 1)[1].split(")")[0]
+
+
+def test_snapshots_are_scored_as_their_own_models_on_the_same_scenes(tmp_path: Path) -> None:
+    import json
+
+    from model import LayerDiffModel
+
+    cfg = FidelityConfig(eval_scenes=2, sample_steps=2, eval_batch=2)
+    seen, held = split_combos(cfg.holdout_fraction, seed=cfg.seed)
+    scenes = {"seen": eval_scenes(seen, 2, 32, (1, 3), EVAL_SEED0, **cfg.scene_args),
+              "held_out": eval_scenes(held, 2, 32, (1, 3), 2 * EVAL_SEED0, **cfg.scene_args)}
+    models = {}
+    for minute, seed in ((20.0, 2), (5.0, 1)):
+        torch.manual_seed(seed)
+        models[minute] = LayerDiffModel.from_config_name("tiny").eval()
+        folder = tmp_path / "train" / "snapshots" / f"minute-{minute:g}"
+        models[minute].save_pretrained(folder)
+        (folder / "snapshot.json").write_text(json.dumps({"minute": minute, "step": int(minute * 10)}))
+
+    rows = score_snapshots(tmp_path / "train", scenes, cfg, "nearest")
+    assert [(r["minute"], r["step"]) for r in rows] == [(5.0, 50), (20.0, 200)]
+    for row in rows:
+        direct = evaluate(models[row["minute"]], scenes["seen"], cfg, "nearest")[0]
+        assert row["seen"] == {k: direct[k] for k in row["seen"]}
+    assert rows[0]["seen"] != rows[1]["seen"]  # two different models, told apart
+
+    examples = [to_example(scene_sample(s, f"s{s.seed}"), 32, 3) for s in scenes["seen"]]
+    report = summarize([score_sample(e["layers"], e["present"], s, "nearest") for s, e in zip(scenes["seen"], examples)])
+    text = markdown({"seen": report, "held_out": report, "seen_truth": report, "held_out_truth": report,
+                     "pass": verdict(report, report), "eval_minutes": 0.0, "loss_curve": [], "snapshots": rows})
+    assert f"| 5 | 50 | {rows[0]['seen']['fg_colour']:.3f} / {rows[0]['held_out']['fg_colour']:.3f} |" in text

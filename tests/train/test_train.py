@@ -113,6 +113,25 @@ def test_train_writes_checkpoints_logs_grids_and_resumes(tiny_data: Path, tmp_pa
     assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step-00000006.pt"]
 
 
+def test_snapshot_is_the_ema_model_when_the_clock_passed_its_minute(tiny_data: Path, tmp_path: Path) -> None:
+    import json
+
+    from model.train import snapshot_dir
+
+    out = tmp_path / "run"
+    train(_small_run(tiny_data, out, max_steps=3, snapshot_minutes=[1e-9, 1e6]))  # passed after step 1; never
+    snap = snapshot_dir(out, 1e-9)
+    assert json.loads((snap / "snapshot.json").read_text())["step"] == 1
+    assert not snapshot_dir(out, 1e6).exists()
+    # the same run stopped after one step saves the same EMA weights as its model
+    train(_small_run(tiny_data, tmp_path / "one", max_steps=1))
+    snapshot = LayerDiffModel.from_pretrained(snap).state_dict()
+    one_step = LayerDiffModel.from_pretrained(tmp_path / "one" / "model").state_dict()
+    final = LayerDiffModel.from_pretrained(out / "model").state_dict()
+    assert all(torch.equal(snapshot[k], one_step[k]) for k in one_step)
+    assert not all(torch.equal(snapshot[k], final[k]) for k in final)  # and not the model of step 3
+
+
 def test_grid_png(tmp_path: Path) -> None:
     from PIL import Image
 
@@ -125,9 +144,10 @@ def test_grid_png(tmp_path: Path) -> None:
 
 def test_cli_flags() -> None:
     cfg = parse_args(["--max-steps", "5", "--model-arg", "max_layers=2", "--no-tensorboard", "--num-workers", "2",
-                      "--use-gpu", "--lr", "1e-4"])
+                      "--use-gpu", "--lr", "1e-4", "--snapshot-minutes", "10", "20.5"])
     assert (cfg.max_steps, cfg.model_args, cfg.tensorboard, cfg.num_workers, cfg.use_gpu, cfg.lr) == \
         (5, {"max_layers": 2}, False, 2, True, 1e-4)
+    assert cfg.snapshot_minutes == [10.0, 20.5]
     assert parse_args([]) == TrainConfig()
 
 
