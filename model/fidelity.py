@@ -383,7 +383,9 @@ def run(cfg: FidelityConfig) -> dict[str, Any]:
     for name, split in scenes.items():
         report[name], report[f"{name}_truth"] = evaluate(model, split, cfg, train_cfg.fg_fill,
                                                          out / f"samples-{name}.png")
-    report["snapshots"] = score_snapshots(out / "train", scenes, cfg, train_cfg.fg_fill)
+    # a fresh run scores its own snapshots only (OUT may hold an earlier run's); --skip-train all there are
+    report["snapshots"] = score_snapshots(out / "train", scenes, cfg, train_cfg.fg_fill,
+                                          None if cfg.skip_train else cfg.snapshots)
     report["eval_minutes"] = round((time.time() - t0) / 60, 2)
     report["pass"] = verdict(report["seen"], report["held_out"])
     (out / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -391,14 +393,17 @@ def run(cfg: FidelityConfig) -> dict[str, Any]:
     return report
 
 
-def score_snapshots(train_out: Path, scenes: dict[str, Sequence[Any]], cfg: FidelityConfig,
-                    fg_fill: str) -> list[dict[str, Any]]:
-    """Score every model ``model.train`` saved under TRAIN_OUT/snapshots (by minute) on ``scenes``."""
+def score_snapshots(train_out: Path, scenes: dict[str, Sequence[Any]], cfg: FidelityConfig, fg_fill: str,
+                    minutes: Sequence[float] | None = None) -> list[dict[str, Any]]:
+    """Score the models ``model.train`` saved under TRAIN_OUT/snapshots (those of ``minutes``, or all)
+    on ``scenes``; rows sorted by minute."""
     from model import LayerDiffModel
 
     rows = []
     for folder in (train_out / "snapshots").glob("minute-*"):
         info = json.loads((folder / "snapshot.json").read_text())
+        if minutes is not None and info["minute"] not in minutes:
+            continue
         model = LayerDiffModel.from_pretrained(folder).eval().to(cfg.device)
         scores = {name: evaluate(model, split, cfg, fg_fill)[0] for name, split in scenes.items()}
         rows.append({**info, **{name: {k: s[k] for k in BARS} for name, s in scores.items()}})

@@ -94,6 +94,7 @@ def test_snapshots_are_scored_as_their_own_models_on_the_same_scenes(tmp_path: P
         direct = evaluate(models[row["minute"]], scenes["seen"], cfg, "nearest")[0]
         assert row["seen"] == {k: direct[k] for k in row["seen"]}
     assert rows[0]["seen"] != rows[1]["seen"]  # two different models, told apart
+    assert [r["minute"] for r in score_snapshots(tmp_path / "train", scenes, cfg, "nearest", [20.0])] == [20.0]
 
     examples = [to_example(scene_sample(s, f"s{s.seed}"), 32, 3) for s in scenes["seen"]]
     report = summarize([score_sample(e["layers"], e["present"], s, "nearest") for s, e in zip(scenes["seen"], examples)])
