@@ -445,6 +445,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from model.train import add_field_flag
+
     parser = argparse.ArgumentParser(prog="python -m model.fidelity", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = FidelityConfig()
@@ -453,12 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         if f.name == "train_args":
             parser.add_argument("--train-arg", dest="train_args", action="append", default=[], metavar="KEY=VALUE",
                                 help="model.train option (JSON value) over its defaults, e.g. batch_size=32")
-        elif isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif isinstance(default, list):  # --snapshots 10 20
-            parser.add_argument(flag, type=float, nargs="*", default=default)
         else:
-            parser.add_argument(flag, type={int: int, float: float}.get(type(default), str), default=default)
+            add_field_flag(parser, flag, default)
     args = vars(parser.parse_args(argv))
     train_args = {}
     for item in args.pop("train_args"):

@@ -539,6 +539,17 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def add_field_flag(parser: argparse.ArgumentParser, flag: str, default: Any) -> None:
+    """The CLI flag of a config field, typed by its default: --x / --no-x for a bool, a list of
+    floats for a list (``--snapshot-minutes 10 20``), else int, float or str."""
+    if isinstance(default, bool):
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+    elif isinstance(default, list):
+        parser.add_argument(flag, type=float, nargs="*", default=default)
+    else:
+        parser.add_argument(flag, type={int: int, float: float}.get(type(default), str), default=default)
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """CLI flags -> TrainConfig (booleans as --flag / --no-flag; --model-arg KEY=VALUE repeats)."""
     parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0],
@@ -550,13 +561,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         if f.name == "model_args":
             parser.add_argument("--model-arg", dest="model_args", action="append", default=[], metavar="KEY=VALUE",
                                 help="model config override (JSON value), e.g. max_layers=3")
-        elif isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif isinstance(default, list):  # snapshot_minutes: --snapshot-minutes 10 20
-            parser.add_argument(flag, type=float, nargs="*", default=default)
         else:
-            kind = {int: int, float: float}.get(type(default), str)
-            parser.add_argument(flag, type=kind, default=default)
+            add_field_flag(parser, flag, default)
     args = vars(parser.parse_args(argv))
     overrides = {}
     for item in args.pop("model_args"):

@@ -101,3 +101,16 @@ def test_snapshots_are_scored_as_their_own_models_on_the_same_scenes(tmp_path: P
     text = markdown({"seen": report, "held_out": report, "seen_truth": report, "held_out_truth": report,
                      "pass": verdict(report, report), "eval_minutes": 0.0, "loss_curve": [], "snapshots": rows})
     assert f"| 5 | 50 | {rows[0]['seen']['fg_colour']:.3f} / {rows[0]['held_out']['fg_colour']:.3f} |" in text
+
+
+def test_cli_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    import model.fidelity as fidelity
+
+    seen = []
+    monkeypatch.setattr(fidelity, "run", lambda cfg: seen.append(cfg) or {})
+    monkeypatch.setattr(fidelity, "markdown", lambda report: "")
+    fidelity.main(["--minutes", "2.5", "--snapshots", "1", "2", "--upright", "--objects", "1",
+                   "--train-arg", "batch_size=4"])
+    cfg = seen[0]
+    assert (cfg.minutes, cfg.snapshots, cfg.upright, cfg.objects, cfg.train_args) == \
+        (2.5, [1.0, 2.0], True, "1", {"batch_size": 4})
