@@ -57,11 +57,17 @@ class LayerDiffConfig:
     # caps the low-noise steps (Min-SNR, Hang et al. 2023, with SNR + 1 so pure noise keeps weight 1),
     # for x0 ("sample") it raises them from 1 towards gamma.
     snr_gamma: float = 0.0
+    # True: the SNR in that weight is each role's own (image SNR x role_input_scale^2), so a mask
+    # scaled down is capped where *its* SNR is high, not where the image's is (same as False at scale 1).
+    snr_per_role: bool = False
     # > 0: mask-slot pixels within one pixel of the true boundary weigh 1 + this (a shape is its edge).
     mask_edge_weight: float = 0.0
     # Training timesteps drawn as T * u^(1 / bias): 1 = uniform; > 1 = more of the noisy steps, where
     # a layer's layout and shape are decided.
     timestep_bias: float = 1.0
+    # [mean, std]: draw t / T = sigmoid(mean + std * n), n ~ N(0, 1) instead (the logit-normal
+    # density of Esser et al. 2024, SD3): most steps in the middle of the schedule, mean > 0 noisier.
+    timestep_logit_normal: list[float] = field(default_factory=list)
     # Self-conditioning (Chen et al. 2022, "Analog Bits"): the UNet also sees its previous x0 estimate
     # (the UNet takes twice the latent channels); trained on half of the batches, used at every step.
     self_conditioning: bool = False
@@ -110,6 +116,10 @@ class LayerDiffConfig:
         if self.mask_edge_weight < 0 or self.timestep_bias <= 0:
             raise ValueError(f"mask_edge_weight must be >= 0 and timestep_bias > 0, got "
                              f"{self.mask_edge_weight}, {self.timestep_bias}")
+        if self.timestep_logit_normal and (len(self.timestep_logit_normal) != 2 or self.timestep_logit_normal[1] <= 0
+                                           or self.timestep_bias != 1.0):
+            raise ValueError(f"timestep_logit_normal must be [mean, std > 0] with timestep_bias 1, got "
+                             f"{self.timestep_logit_normal} (timestep_bias {self.timestep_bias})")
         if self.input_perturbation < 0:
             raise ValueError(f"input_perturbation must be >= 0, got {self.input_perturbation}")
         if self.snr_gamma < 0:

@@ -369,12 +369,15 @@ class LayerDiffModel(nn.Module):
         norm = weight.sum().clamp_min(1e-8)  # noise-level weights stay out of it: they must not cancel
         if self.config.snr_gamma > 0:
             a = self._alpha(t, 2)
-            snr_plus_1 = 1.0 / (1.0 - a).clamp_min(1e-8)  # SNR + 1 = 1 / (1 - alpha_bar)
-            # The objective's own x0-space weight is SNR + 1 for v, SNR for eps and 1 for x0; the
-            # wanted one is the v / eps weight capped at gamma.
-            uncapped = snr_plus_1 - 1 if self.config.prediction_type == "epsilon" else snr_plus_1
-            own = torch.ones_like(uncapped) if self.config.prediction_type == "sample" else uncapped
-            weight = weight * (uncapped.clamp(max=self.config.snr_gamma) / own.clamp_min(1e-8))
+            snr = a / (1.0 - a).clamp_min(1e-8)  # (B, 1): the image's SNR
+            # The objective's own x0-space weight (errors are in pixel units, so the image's SNR):
+            # SNR + 1 for v, SNR for eps and 1 for x0; the wanted one is the v / eps weight capped at gamma.
+            eps = self.config.prediction_type == "epsilon"
+            own = torch.ones_like(snr) if self.config.prediction_type == "sample" else snr + (0 if eps else 1)
+            if self.config.snr_per_role:  # a role's latents times s: its SNR times s^2
+                snr = snr * self.slot_scale(3).reshape(1, -1) ** 2  # (B, L)
+            wanted = snr + (0 if eps else 1)
+            weight = weight * (wanted.clamp(max=self.config.snr_gamma) / own.clamp_min(1e-8))
         if self.config.mask_edge_weight > 0:
             k = self.config.max_layers
             edges = 1 + self.config.mask_edge_weight * mask_edges(batch["layers"][:, 1 + k:], x0.shape[-2:])
@@ -398,8 +401,13 @@ class LayerDiffModel(nn.Module):
 
     def _sample_timesteps(self, b: int, generator: torch.Generator | None, device: torch.device | str
                           ) -> torch.Tensor:
-        """Training timesteps: uniform, or with ``timestep_bias`` > 1 denser towards pure noise."""
+        """Training timesteps: uniform, with ``timestep_bias`` > 1 denser towards pure noise, or
+        logit-normal (``timestep_logit_normal``)."""
         num = self.config.num_train_timesteps
+        if self.config.timestep_logit_normal:
+            mean, std = self.config.timestep_logit_normal
+            n = torch.randn(b, generator=generator, device=device, dtype=torch.float64)
+            return (num * torch.sigmoid(mean + std * n)).long().clamp(max=num - 1)
         if self.config.timestep_bias == 1.0:
             return torch.randint(0, num, (b,), generator=generator, device=device)
         u = torch.rand(b, generator=generator, device=device, dtype=torch.float64)

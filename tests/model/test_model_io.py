@@ -82,6 +82,44 @@ def test_snr_gamma_caps_low_noise_weights(tiny_model: LayerDiffModel) -> None:
         tiny_model.config.replace(role_loss_weights=[1.0, 1.0])
 
 
+def test_snr_per_role_uses_each_roles_own_snr(tiny_model: LayerDiffModel) -> None:
+    tiny_model.config = tiny_model.config.replace(prediction_type="sample", snr_gamma=5.0, composite_loss_weight=0.0,
+                                                  role_loss_weights=[0.0, 0.0, 1.0])  # the loss: masks only
+    batch = make_batch([2, 3, 1, 3])
+
+    def loss(**overrides: object) -> dict[str, torch.Tensor]:
+        tiny_model.config = tiny_model.config.replace(**overrides)
+        return tiny_model.training_loss(batch, torch.Generator().manual_seed(3))
+
+    # At input scale 1 a role's SNR is the image's: the flag changes nothing.
+    torch.testing.assert_close(loss(snr_per_role=True)["loss"], loss(snr_per_role=False)["loss"])
+    # Masks scaled by 1e-3 have SNR ~0 at every step: each weighs min(0 + 1, 5) = 1 and the loss is their
+    # plain mean; with the image's SNR the low-noise steps weigh up to 5 and it is not.
+    per_role = loss(role_input_scale=[1.0, 1.0, 1e-3], snr_per_role=True)
+    torch.testing.assert_close(per_role["loss"].detach(), per_role["loss_mask"], rtol=1e-3, atol=0)
+    image = loss(snr_per_role=False)
+    assert not torch.allclose(image["loss"].detach(), image["loss_mask"], rtol=1e-2)
+
+
+def test_timestep_densities(tiny_model: LayerDiffModel) -> None:
+    def draw(**overrides: object) -> torch.Tensor:
+        tiny_model.config = tiny_model.config.replace(**overrides)
+        return tiny_model._sample_timesteps(20_000, torch.Generator().manual_seed(0), "cpu").double()
+
+    uniform = draw()
+    assert uniform.min() == 0 and uniform.max() == 999 and abs(uniform.mean() - 499.5) < 10
+    noisy = draw(timestep_bias=2.0)  # density ~ t: mean 2T/3
+    assert abs(noisy.mean() - 666) < 10
+    logit = draw(timestep_bias=1.0, timestep_logit_normal=[0.5, 1.0])  # t/T = sigmoid(0.5 + n)
+    assert abs(logit.median() - 1000 * torch.sigmoid(torch.tensor(0.5)).item()) < 10
+    within_1sd = ((logit >= 1000 * torch.sigmoid(torch.tensor(-0.5))) & (logit < 1000 * torch.sigmoid(torch.tensor(1.5))))
+    assert abs(within_1sd.double().mean() - 0.683) < 0.02 and logit.min() >= 0 and logit.max() <= 999
+    for bad in ({"timestep_logit_normal": [0.5]}, {"timestep_logit_normal": [0.5, 0.0]},
+                {"timestep_logit_normal": [0.5, 1.0], "timestep_bias": 2.0}):
+        with pytest.raises(ValueError, match="timestep_logit_normal"):
+            tiny_model.config.replace(**bad)
+
+
 def test_role_input_scale_scales_latents_and_keeps_pixels(tiny_model: LayerDiffModel) -> None:
     batch = make_batch([1, 3])
     present = batch["present"]
