@@ -76,6 +76,10 @@ class LayerDiffConfig:
     # the training inputs (exposure bias); a noisier input teaches it to lean on the prompt.
     input_perturbation: float = 0.0
     num_inference_steps: int = 25  # default DDIM steps (trailing spacing)
+    # A UNet built from scratch starts with each ResNet's second convolution, each transformer's
+    # output projection and the output convolution at zero (as ADM does, Dhariwal & Nichol 2021):
+    # every residual block starts as the identity. No effect on a loaded checkpoint.
+    zero_init_residuals: bool = False
 
     # Text.
     tokenizer_type: str = "words"  # "words" (built from model.vocabulary) or "clip" (base checkpoint)

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, Transformer2DModel, UNet2DConditionModel
+from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -93,6 +94,8 @@ class LayerDiffModel(nn.Module):
                 vae = None if config.pixel_space else AutoencoderKL.from_pretrained(path, subfolder="vae", **dkw)
             else:
                 unet = UNet2DConditionModel(**config.unet)
+                if config.zero_init_residuals:
+                    zero_init_residuals(unet)
                 vae = None if config.pixel_space else AutoencoderKL(**config.vae)
                 if config.tokenizer_type == "words":
                     tokenizer = build_word_tokenizer(config.max_text_length)
@@ -416,6 +419,21 @@ class LayerDiffModel(nn.Module):
     def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Same as :meth:`training_loss`; call the model itself when it is wrapped in DDP."""
         return self.training_loss(batch, generator)
+
+
+def zero_init_residuals(unet: UNet2DConditionModel) -> None:
+    """Zero the last layer of every residual branch of ``unet`` (ResNet ``conv2``, transformer
+    ``proj_out``) and its output convolution, so each block starts as the identity."""
+    layers = [unet.conv_out]
+    for module in unet.modules():
+        if isinstance(module, ResnetBlock2D):
+            layers.append(module.conv2)
+        elif isinstance(module, Transformer2DModel):
+            layers.append(module.proj_out)
+    for layer in layers:
+        nn.init.zeros_(layer.weight)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
 
 
 def mask_edges(masks: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:

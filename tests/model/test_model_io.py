@@ -120,6 +120,31 @@ def test_timestep_densities(tiny_model: LayerDiffModel) -> None:
             tiny_model.config.replace(**bad)
 
 
+def test_zero_init_residuals_starts_every_block_as_identity() -> None:
+    from diffusers import Transformer2DModel
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    model = LayerDiffModel.from_config_name("tiny", zero_init_residuals=True)
+    unet = model.unet.unet
+    last = [m.conv2 for m in unet.modules() if isinstance(m, ResnetBlock2D)]
+    last += [m.proj_out for m in unet.modules() if isinstance(m, Transformer2DModel)]
+    # 3 + 2 + 6 ResNets, 2 + 1 + 4 transformers (down, mid, up)
+    assert len(last) == 11 + 7 and all(float(p.abs().max()) == 0 for m in last for p in m.parameters())
+    assert float(unet.conv_in.weight.abs().max()) > 0  # the rest keeps its random initialisation
+    batch = make_batch([1, 3])
+    present = batch["present"]
+    x = torch.randn(2, model.num_slots, *model.latent_shape)
+    context = model.encode_prompts(batch["prompt"], batch["layer_prompts"])
+    assert float(model.predict(x, torch.tensor([10, 900]), context, present).abs().max()) == 0  # conv_out = 0
+    out = model.training_loss(batch, torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    assert float(unet.conv_out.weight.grad.abs().max()) > 0  # and it learns from there
+    torch.manual_seed(0)
+    plain = LayerDiffModel.from_config_name("tiny").unet.unet
+    assert float(plain.conv_out.weight.abs().max()) > 0 and float(plain.down_blocks[0].resnets[0].conv2.weight.abs().max()) > 0
+
+
 def test_role_input_scale_scales_latents_and_keeps_pixels(tiny_model: LayerDiffModel) -> None:
     batch = make_batch([1, 3])
     present = batch["present"]
