@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from typing import Any
@@ -21,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from model.configuration import get_config
 from model.layers import present_vector
+from model.machine import describe_machine, machine_line
 from model.modeling.layerdiff import LayerDiffModel
 from model.testing import perturb_new_modules
 
@@ -140,11 +140,10 @@ def bench_sd15() -> dict[str, Any]:
 
 
 def markdown(tiny: dict[str, Any], train: dict[str, Any], sd15: dict[str, Any]) -> str:
-    cpu = platform.processor() or platform.machine()
     return "\n".join([
         "## Model (issue 4)",
         "",
-        f"Measured with `python -m model.bench` ({cpu}, torch {torch.__version__}, "
+        f"Measured with `python -m model.bench` ({machine_line(describe_machine())}, "
         f"{tiny['threads']} thread, flush-denormal on).",
         "",
         f"Tiny config, forward + backward of the UNet, batch {tiny['batch']} x L={tiny['layers']} layers "

@@ -50,6 +50,7 @@ import torch
 
 from datagen.format import DATASET_SCHEMA, SAMPLE_SCHEMA, SHARD_SCHEMA, LayerSample, psnr
 from model.data import fill_outside, split_layers, to_example
+from model.machine import describe_machine, machine_line
 
 BARS = {"fg_colour": (">=", 0.9), "shape": (">=", 0.8), "background": (">=", 0.95),
         "binarity": (">=", 0.95), "outside_mask": ("<=", 0.05)}
@@ -353,7 +354,7 @@ def run(cfg: FidelityConfig) -> dict[str, Any]:
         "threads": cfg.threads, "seed": cfg.seed, "progress": False, "snapshot_minutes": list(cfg.snapshots),
         **cfg.train_args})
     report: dict[str, Any] = {"config": dataclasses.asdict(cfg), "train_config": dataclasses.asdict(train_cfg),
-                              "held_out_combos": [list(c) for c in held]}
+                              "held_out_combos": [list(c) for c in held], "machine": describe_machine()}
 
     # 1. data
     data = Path(cfg.data) if cfg.data else out / "data"
@@ -371,7 +372,8 @@ def run(cfg: FidelityConfig) -> dict[str, Any]:
     if not cfg.skip_train:
         t0 = time.time()
         result = train(train_cfg)
-        report["train"] = {**result, "minutes": round((time.time() - t0) / 60, 2)}
+        report["train"] = {**result, "minutes": round((time.time() - t0) / 60, 2),
+                           "budget_s_per_step": round(cfg.minutes * 60 / max(result["step"], 1), 3)}
     report["loss_curve"] = plot_loss(out / "train" / "train_log.csv", out / "loss.png")
 
     # 3. evaluate the EMA model (and its snapshots) on the same scenes
@@ -441,6 +443,9 @@ def markdown(report: dict[str, Any]) -> str:
     rows.append("")
     rows.append(f"steps {train.get('step', '?')}, {train.get('minutes', '?')} min training, "
                 f"eval {report['eval_minutes']} min; loss curve (step, loss): {report['loss_curve']}")
+    if "machine" in report:  # the budget is CPU time: what it buys depends on the CPU
+        per_step = f"; {train['budget_s_per_step']} s of the budget a step" if "budget_s_per_step" in train else ""
+        rows.append(f"machine: {machine_line(report['machine'])}{per_step}")
     return "\n".join(rows) + "\n"
 
 

@@ -1,8 +1,9 @@
 """The fidelity benchmark: it refuses shards written for other scenes, its report counts each prompted shape,
-and it scores a run's snapshots as their own models."""
+and it scores a run's snapshots as their own models; the report names the machine."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from model.fidelity import (
     verdict,
     write_scene_shards,
 )
+from model.machine import describe_machine
 
 
 def test_existing_shards_must_match_the_benchmark_scenes(tmp_path: Path) -> None:
@@ -98,9 +100,15 @@ def test_snapshots_are_scored_as_their_own_models_on_the_same_scenes(tmp_path: P
 
     examples = [to_example(scene_sample(s, f"s{s.seed}"), 32, 3) for s in scenes["seen"]]
     report = summarize([score_sample(e["layers"], e["present"], s, "nearest") for s, e in zip(scenes["seen"], examples)])
+    machine = describe_machine()
     text = markdown({"seen": report, "held_out": report, "seen_truth": report, "held_out_truth": report,
-                     "pass": verdict(report, report), "eval_minutes": 0.0, "loss_curve": [], "snapshots": rows})
+                     "pass": verdict(report, report), "eval_minutes": 0.0, "loss_curve": [], "snapshots": rows,
+                     "train": {"step": 3000, "minutes": 30.5, "budget_s_per_step": 0.6}, "machine": machine})
     assert f"| 5 | 50 | {rows[0]['seen']['fg_colour']:.3f} / {rows[0]['held_out']['fg_colour']:.3f} |" in text
+    # the budget is CPU time, so the report says which CPU spent it and what a step cost
+    line = next(row for row in text.splitlines() if row.startswith("machine: "))
+    assert machine["cpu"] and f"{os.cpu_count()} logical cores" in line
+    assert f"({torch.backends.cpu.get_cpu_capability()} kernels)" in line and "0.6 s of the budget a step" in line
 
 
 def test_cli_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
