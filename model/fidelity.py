@@ -24,7 +24,8 @@ budget, then sample seen and held-out (colour, shape) combinations and score the
    (``classify_shape`` itself is ~93% right on true 32 px masks).
 
 Writes ``OUT/fidelity.json``, ``OUT/fidelity.md`` (colour and shape by objects per scene, and by
-prompted shape with what the classifier called each layer), ``OUT/loss.png`` and sample grids.
+prompted shape with what the classifier called each layer; the machine and the budget's CPU seconds a
+step), ``OUT/loss.png`` and sample grids.
 ``--snapshots 30 60`` also scores the model as it was after 30 and 60 training minutes of the same
 run (on the same scenes; the LR schedule is the one fitted to ``--minutes``): a learning curve.
 """
