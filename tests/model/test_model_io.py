@@ -130,8 +130,8 @@ def test_zero_init_residuals_starts_every_block_as_identity() -> None:
     last = [m.conv2 for m in unet.modules() if isinstance(m, ResnetBlock2D)]
     last += [m.proj_out for m in unet.modules() if isinstance(m, Transformer2DModel)]
     # 3 + 2 + 6 ResNets, 2 + 1 + 4 transformers (down, mid, up)
-    assert len(last) == 11 + 7 and all(float(p.abs().max()) == 0 for m in last for p in m.parameters())
-    assert float(unet.conv_in.weight.abs().max()) > 0  # the rest keeps its random initialisation
+    assert len(last) == 11 + 7 and all(float(p.detach().abs().max()) == 0 for m in last for p in m.parameters())
+    assert float(unet.conv_in.weight.detach().abs().max()) > 0  # the rest keeps its random initialisation
     batch = make_batch([1, 3])
     present = batch["present"]
     x = torch.randn(2, model.num_slots, *model.latent_shape)
