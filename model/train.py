@@ -477,6 +477,7 @@ def train(cfg: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     if logger is not None:
         logger.close()
     result = {"step": state.step, "loss": metrics.get("loss", float("nan")), "out": str(out),
+              "clock_s": round(state.seconds, 1),  # of budget_clock, over the whole run (resumes included)
               "world_size": dist.world_size, "ranks_in_sync": _ranks_in_sync(state.model, dist)}
     if dist.main:
         (out / "result.json").write_text(json.dumps(result) + "\n")
