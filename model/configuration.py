@@ -75,6 +75,14 @@ class LayerDiffConfig:
     # perturbation, Ning et al. 2023): at sampling the inputs are the model's own, less exact than
     # the training inputs (exposure bias); a noisier input teaches it to lean on the prompt.
     input_perturbation: float = 0.0
+    # > 0: this share of training mask slots is noised from an imprecise copy of the mask (warped by
+    # mask_corruption_warp px, blurred by a sigma in mask_corruption_blur px, re-thresholded:
+    # model.layers.corrupt_masks) while the target stays the true mask. Sampling, the early steps
+    # leave a rounded blob and the later ones only sharpen what they see; this teaches them to
+    # restore the outline the prompt names from such a blob. x0-prediction in pixel space only.
+    mask_corruption: float = 0.0
+    mask_corruption_blur: list[float] = field(default_factory=lambda: [0.5, 1.5])
+    mask_corruption_warp: float = 0.0
     num_inference_steps: int = 25  # default DDIM steps (trailing spacing)
     # A UNet built from scratch starts with each ResNet's second convolution, each transformer's
     # output projection and the output convolution at zero (as ADM does, Dhariwal & Nichol 2021):
@@ -124,6 +132,14 @@ class LayerDiffConfig:
                                            or self.timestep_bias != 1.0):
             raise ValueError(f"timestep_logit_normal must be [mean, std > 0] with timestep_bias 1, got "
                              f"{self.timestep_logit_normal} (timestep_bias {self.timestep_bias})")
+        if not 0 <= self.mask_corruption <= 1 or len(self.mask_corruption_blur) != 2 \
+                or not 0 <= self.mask_corruption_blur[0] <= self.mask_corruption_blur[1] or self.mask_corruption_warp < 0:
+            raise ValueError(f"mask_corruption must be in [0, 1], mask_corruption_blur [lo, hi] with 0 <= lo <= hi "
+                             f"and mask_corruption_warp >= 0, got {self.mask_corruption}, "
+                             f"{self.mask_corruption_blur}, {self.mask_corruption_warp}")
+        if self.mask_corruption > 0 and (self.prediction_type != "sample" or not self.pixel_space):
+            raise ValueError("mask_corruption needs prediction_type 'sample' and pixel_space (its target is "
+                             "the true mask, not the noise of the corrupted input)")
         if self.input_perturbation < 0:
             raise ValueError(f"input_perturbation must be >= 0, got {self.input_perturbation}")
         if self.snr_gamma < 0:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from datagen.format import compose_layers
 
@@ -178,3 +179,43 @@ def distance_to_masks(field: torch.Tensor, width: float) -> torch.Tensor:
     """Inverse of :func:`masks_to_distance` (differentiable): the field scaled so that +-0.5 px
     from the boundary maps to +-1, clipped."""
     return (field * (2.0 * width)).clamp(-1.0, 1.0)
+
+
+def corrupt_masks(masks: torch.Tensor, generator: torch.Generator | None = None,
+                  blur: tuple[float, float] = (0.5, 1.5), warp: float = 0.0,
+                  threshold: tuple[float, float] = (0.35, 0.65)) -> torch.Tensor:
+    """Binary masks (N, C, H, W) in [-1, 1] -> outlines of the same objects, imprecisely drawn.
+
+    Each mask is warped by a smooth random displacement (amplitude ``warp`` pixels: dents, bulges,
+    stretches), blurred by a Gaussian of sigma drawn from ``blur`` (pixels; rounds corners) and
+    thresholded at a level drawn from ``threshold`` (grows or shrinks it): the blob a sampler's
+    early steps leave, not the outline the prompt names. A mask that would vanish is kept as is.
+    """
+    n, c, h, w = masks.shape
+    device = masks.device
+    gen_device = generator.device if generator is not None else device
+
+    def uniform(lo: float, hi: float, size: tuple[int, ...]) -> torch.Tensor:
+        return (lo + (hi - lo) * torch.rand(size, generator=generator, device=gen_device)).to(device)
+
+    inside = (masks.float().mean(1, keepdim=True) > 0).float()  # (N, 1, H, W) in {0, 1}
+    x = inside
+    if warp > 0:  # a displacement field smooth over ~H/4 pixels
+        coarse = torch.randn((n, 2, 4, 4), generator=generator, device=gen_device).to(device)
+        field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False) * warp
+        ys, xs = torch.meshgrid(torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=device),
+                                torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=device), indexing="ij")
+        grid = torch.stack([xs, ys], dim=-1)[None] + field.permute(0, 2, 3, 1) * torch.tensor([2 / w, 2 / h],
+                                                                                          device=device)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    sigma = uniform(*blur, (n,))
+    radius = max(1, int(np.ceil(3 * blur[1])))
+    offsets = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets[None] / sigma[:, None].clamp_min(1e-3)) ** 2)
+    kernel = kernel / kernel.sum(1, keepdim=True)  # (N, 2r + 1), one separable Gaussian per mask
+    x = F.pad(x.reshape(1, n, h, w), (radius, radius, radius, radius), mode="replicate")
+    x = F.conv2d(x, kernel[:, None, None, :], groups=n)
+    x = F.conv2d(x, kernel[:, None, :, None], groups=n).reshape(n, 1, h, w)
+    out = (x > uniform(*threshold, (n, 1, 1, 1))).float()
+    out = torch.where(out.flatten(1).any(1)[:, None, None, None], out, inside)
+    return (out * 2 - 1).expand(n, c, h, w).to(masks.dtype)

@@ -16,7 +16,14 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from model.configuration import LayerDiffConfig, get_config, unet_in_channels
-from model.layers import compose, distance_to_masks, masks_to_distance, slot_prompt_index, slot_roles
+from model.layers import (
+    compose,
+    corrupt_masks,
+    distance_to_masks,
+    masks_to_distance,
+    slot_prompt_index,
+    slot_roles,
+)
 from model.modeling.layer_attention import LayerAdapter, LayeredUNet
 from model.modeling.prompt_enhancer import PromptEnhancer
 from model.modeling.text import build_text_encoder, build_word_tokenizer
@@ -350,7 +357,7 @@ class LayerDiffModel(nn.Module):
         if self.config.input_perturbation > 0:
             extra = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(self.device)
             noise_in = noise + self.config.input_perturbation * extra
-        x_t = self.add_noise(x0, noise_in, t)
+        x_t = self.add_noise(self._corrupted_x0(batch["layers"], x0, present, generator, gen_device), noise_in, t)
         context = self.encode_prompts(batch["prompt"], batch["layer_prompts"])
         x0_prev = None
         if self.config.self_conditioning:  # half of the batches see the model's own first estimate
@@ -403,6 +410,25 @@ class LayerDiffModel(nn.Module):
             loss = loss + self.config.composite_loss_weight * composite
         out["loss"] = loss
         return out
+
+    def _corrupted_x0(self, layers: torch.Tensor, x0: torch.Tensor, present: torch.Tensor,
+                      generator: torch.Generator | None, gen_device: torch.device | str) -> torch.Tensor:
+        """``x0`` with a ``mask_corruption`` share of its present mask slots from imprecise copies of
+        their masks (what the training input is noised from; the target stays ``x0``)."""
+        p = self.config.mask_corruption
+        if p <= 0:
+            return x0
+        k = self.config.max_layers
+        masks = layers[:, 1 + k:].to(self.device, torch.float32)
+        pick = torch.rand(masks.shape[:2], generator=generator, device=gen_device).to(self.device) < p
+        pick &= present[:, 1 + k:]
+        if not bool(pick.any()):
+            return x0
+        bad = corrupt_masks(masks.reshape(-1, *masks.shape[2:]), generator, tuple(self.config.mask_corruption_blur),
+                            self.config.mask_corruption_warp).reshape(masks.shape)
+        masks = torch.where(pick[..., None, None, None], bad, masks)
+        corrupted = self.encode_layers(torch.cat([layers[:, : 1 + k].to(masks), masks], dim=1), present)
+        return torch.cat([x0[:, : 1 + k], corrupted[:, 1 + k:].to(x0.dtype)], dim=1)
 
     def _sample_timesteps(self, b: int, generator: torch.Generator | None, device: torch.device | str
                           ) -> torch.Tensor:
