@@ -329,3 +329,38 @@ def test_input_perturbation_adds_fresh_noise_to_the_input_only() -> None:
     torch.testing.assert_close(extra.std(dim=1), expected_std, rtol=0.1, atol=1e-3)
     with pytest.raises(ValueError, match="input_perturbation"):
         LayerDiffModel.from_config_name("tiny", input_perturbation=-0.1)
+
+
+def test_mask_corruption_noises_masks_from_imprecise_copies_and_keeps_the_target() -> None:
+    batch = make_batch([1, 3])
+    k = get_config("tiny").max_layers
+    inputs: dict[str, torch.Tensor] = {}
+    targets: dict[str, torch.Tensor] = {}
+    for name, overrides in (("plain", {}), ("identity", {"mask_corruption": 1.0, "mask_corruption_blur": [0.0, 0.0]}),
+                            ("warped", {"mask_corruption": 1.0, "mask_corruption_warp": 1.5})):
+        torch.manual_seed(0)
+        model = LayerDiffModel.from_config_name("tiny", **overrides)
+        predict, target = model.predict, model.target
+
+        def recording_predict(x_t, timesteps, context, present, x0_prev=None, _p=predict, _n=name):
+            inputs[_n] = x_t.detach().clone()
+            return _p(x_t, timesteps, context, present, x0_prev)
+
+        def recording_target(x0, noise, timesteps, _t=target, _n=name):
+            targets[_n] = x0.clone()
+            return _t(x0, noise, timesteps)
+
+        model.predict, model.target = recording_predict, recording_target  # type: ignore[method-assign]
+        assert torch.isfinite(model.training_loss(batch, torch.Generator().manual_seed(3))["loss"])
+    # sigma 0, no warp: the copy is the mask itself, and the same timesteps and noise are drawn
+    assert torch.equal(inputs["identity"], inputs["plain"])
+    # a real corruption changes only the present mask slots' inputs; every target is the true layer
+    assert torch.equal(targets["warped"], targets["plain"])
+    changed = (inputs["warped"] != inputs["plain"]).flatten(2).any(2)  # (B, L)
+    assert not changed[:, : 1 + k].any()
+    present = batch["present"].bool()
+    assert changed[:, 1 + k:][present[:, 1 + k:]].any() and not changed[~present].any()
+    with pytest.raises(ValueError, match="mask_corruption"):
+        LayerDiffModel.from_config_name("tiny", mask_corruption=0.5, prediction_type="v_prediction")
+    with pytest.raises(ValueError, match="mask_corruption"):
+        LayerDiffModel.from_config_name("tiny", mask_corruption=1.5)
