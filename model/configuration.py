@@ -83,6 +83,8 @@ class LayerDiffConfig:
     mask_corruption: float = 0.0
     mask_corruption_blur: list[float] = field(default_factory=lambda: [0.5, 1.5])
     mask_corruption_warp: float = 0.0
+    # Only at timesteps >= this: the last steps stay plain denoisers (they keep the masks binary).
+    mask_corruption_min_t: int = 0
     num_inference_steps: int = 25  # default DDIM steps (trailing spacing)
     # A UNet built from scratch starts with each ResNet's second convolution, each transformer's
     # output projection and the output convolution at zero (as ADM does, Dhariwal & Nichol 2021):
@@ -133,10 +135,12 @@ class LayerDiffConfig:
             raise ValueError(f"timestep_logit_normal must be [mean, std > 0] with timestep_bias 1, got "
                              f"{self.timestep_logit_normal} (timestep_bias {self.timestep_bias})")
         if not 0 <= self.mask_corruption <= 1 or len(self.mask_corruption_blur) != 2 \
-                or not 0 <= self.mask_corruption_blur[0] <= self.mask_corruption_blur[1] or self.mask_corruption_warp < 0:
-            raise ValueError(f"mask_corruption must be in [0, 1], mask_corruption_blur [lo, hi] with 0 <= lo <= hi "
-                             f"and mask_corruption_warp >= 0, got {self.mask_corruption}, "
-                             f"{self.mask_corruption_blur}, {self.mask_corruption_warp}")
+                or not 0 <= self.mask_corruption_blur[0] <= self.mask_corruption_blur[1] or self.mask_corruption_warp < 0 \
+                or not 0 <= self.mask_corruption_min_t < self.num_train_timesteps:
+            raise ValueError(f"mask_corruption must be in [0, 1], mask_corruption_blur [lo, hi] with 0 <= lo <= hi, "
+                             f"mask_corruption_warp >= 0 and mask_corruption_min_t in [0, T), got "
+                             f"{self.mask_corruption}, {self.mask_corruption_blur}, {self.mask_corruption_warp}, "
+                             f"{self.mask_corruption_min_t}")
         if self.mask_corruption > 0 and (self.prediction_type != "sample" or not self.pixel_space):
             raise ValueError("mask_corruption needs prediction_type 'sample' and pixel_space (its target is "
                              "the true mask, not the noise of the corrupted input)")

@@ -357,7 +357,7 @@ class LayerDiffModel(nn.Module):
         if self.config.input_perturbation > 0:
             extra = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(self.device)
             noise_in = noise + self.config.input_perturbation * extra
-        x_t = self.add_noise(self._corrupted_x0(batch["layers"], x0, present, generator, gen_device), noise_in, t)
+        x_t = self.add_noise(self._corrupted_x0(batch["layers"], x0, present, t, generator, gen_device), noise_in, t)
         context = self.encode_prompts(batch["prompt"], batch["layer_prompts"])
         x0_prev = None
         if self.config.self_conditioning:  # half of the batches see the model's own first estimate
@@ -411,17 +411,18 @@ class LayerDiffModel(nn.Module):
         out["loss"] = loss
         return out
 
-    def _corrupted_x0(self, layers: torch.Tensor, x0: torch.Tensor, present: torch.Tensor,
+    def _corrupted_x0(self, layers: torch.Tensor, x0: torch.Tensor, present: torch.Tensor, t: torch.Tensor,
                       generator: torch.Generator | None, gen_device: torch.device | str) -> torch.Tensor:
         """``x0`` with a ``mask_corruption`` share of its present mask slots from imprecise copies of
-        their masks (what the training input is noised from; the target stays ``x0``)."""
+        their masks, at timesteps >= ``mask_corruption_min_t`` (what the training input is noised
+        from; the target stays ``x0``)."""
         p = self.config.mask_corruption
         if p <= 0:
             return x0
         k = self.config.max_layers
         masks = layers[:, 1 + k:].to(self.device, torch.float32)
         pick = torch.rand(masks.shape[:2], generator=generator, device=gen_device).to(self.device) < p
-        pick &= present[:, 1 + k:]
+        pick &= present[:, 1 + k:] & (t >= self.config.mask_corruption_min_t)[:, None]
         if not bool(pick.any()):
             return x0
         bad = corrupt_masks(masks.reshape(-1, *masks.shape[2:]), generator, tuple(self.config.mask_corruption_blur),

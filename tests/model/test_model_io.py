@@ -337,7 +337,8 @@ def test_mask_corruption_noises_masks_from_imprecise_copies_and_keeps_the_target
     inputs: dict[str, torch.Tensor] = {}
     targets: dict[str, torch.Tensor] = {}
     for name, overrides in (("plain", {}), ("identity", {"mask_corruption": 1.0, "mask_corruption_blur": [0.0, 0.0]}),
-                            ("warped", {"mask_corruption": 1.0, "mask_corruption_warp": 1.5})):
+                            ("warped", {"mask_corruption": 1.0, "mask_corruption_warp": 1.5}),
+                            ("late", {"mask_corruption": 1.0, "mask_corruption_warp": 1.5, "mask_corruption_min_t": 999})):
         torch.manual_seed(0)
         model = LayerDiffModel.from_config_name("tiny", **overrides)
         predict, target = model.predict, model.target
@@ -360,7 +361,10 @@ def test_mask_corruption_noises_masks_from_imprecise_copies_and_keeps_the_target
     assert not changed[:, : 1 + k].any()
     present = batch["present"].bool()
     assert changed[:, 1 + k:][present[:, 1 + k:]].any() and not changed[~present].any()
+    assert torch.equal(inputs["late"], inputs["plain"])  # no timestep drawn here reaches 999
     with pytest.raises(ValueError, match="mask_corruption"):
         LayerDiffModel.from_config_name("tiny", mask_corruption=0.5, prediction_type="v_prediction")
     with pytest.raises(ValueError, match="mask_corruption"):
         LayerDiffModel.from_config_name("tiny", mask_corruption=1.5)
+    with pytest.raises(ValueError, match="mask_corruption_min_t"):
+        LayerDiffModel.from_config_name("tiny", mask_corruption=0.5, mask_corruption_min_t=1000)
