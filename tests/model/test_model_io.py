@@ -302,29 +302,35 @@ def test_coord_channels_reach_the_unet_and_round_trip(tmp_path: Path) -> None:
         LayerDiffModel.from_config_name("tiny", coord_channels=True, unet={"in_channels": 12})
 
 
+def _loss_inputs(batch: dict, **overrides) -> dict[str, torch.Tensor]:
+    """One training loss of a seeded tiny model with ``overrides``: what the UNet was given (x_t,
+    timesteps) and what its target was built from (x0, noise)."""
+    torch.manual_seed(0)
+    model = LayerDiffModel.from_config_name("tiny", **overrides)
+    seen: dict[str, torch.Tensor] = {}
+    predict, target = model.predict, model.target
+
+    def recording_predict(x_t, timesteps, context, present, x0_prev=None):
+        seen.update(x_t=x_t.detach().clone(), t=timesteps)
+        return predict(x_t, timesteps, context, present, x0_prev)
+
+    def recording_target(x0, noise, timesteps):
+        seen.update(x0=x0.clone(), noise=noise.clone())
+        return target(x0, noise, timesteps)
+
+    model.predict, model.target = recording_predict, recording_target  # type: ignore[method-assign]
+    assert torch.isfinite(model.training_loss(batch, torch.Generator().manual_seed(3))["loss"])
+    return seen
+
+
 def test_input_perturbation_adds_fresh_noise_to_the_input_only() -> None:
     batch = make_batch([1, 3])
-    inputs: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
-    target_noise: dict[float, torch.Tensor] = {}
-    for gamma in (0.0, 0.5):
-        torch.manual_seed(0)
-        model = LayerDiffModel.from_config_name("tiny", input_perturbation=gamma)
-        predict, target = model.predict, model.target
-
-        def recording_predict(x_t, timesteps, context, present, x0_prev=None, _p=predict, _g=gamma):
-            inputs[_g] = (x_t.detach().clone(), timesteps)
-            return _p(x_t, timesteps, context, present, x0_prev)
-
-        def recording_target(x0, noise, timesteps, _t=target, _g=gamma):
-            target_noise[_g] = noise.clone()
-            return _t(x0, noise, timesteps)
-
-        model.predict, model.target = recording_predict, recording_target  # type: ignore[method-assign]
-        assert torch.isfinite(model.training_loss(batch, torch.Generator().manual_seed(3))["loss"])
-    (x_plain, t), (x_perturbed, t_p) = inputs[0.0], inputs[0.5]
-    assert torch.equal(t, t_p)  # same timesteps and first noise: only the extra noise differs
-    assert torch.equal(target_noise[0.0], target_noise[0.5])  # the target keeps the unperturbed noise
-    extra = (x_perturbed - x_plain).flatten(1)
+    plain, perturbed = _loss_inputs(batch, input_perturbation=0.0), _loss_inputs(batch, input_perturbation=0.5)
+    model = LayerDiffModel.from_config_name("tiny")
+    t = plain["t"]
+    assert torch.equal(t, perturbed["t"])  # same timesteps and first noise: only the extra noise differs
+    assert torch.equal(plain["noise"], perturbed["noise"])  # the target keeps the unperturbed noise
+    extra = (perturbed["x_t"] - plain["x_t"]).flatten(1)
     expected_std = 0.5 * (1 - model._alpha(t, 2)).sqrt().flatten()  # sqrt(1 - alpha_bar) * gamma * N(0, 1)
     torch.testing.assert_close(extra.std(dim=1), expected_std, rtol=0.1, atol=1e-3)
     with pytest.raises(ValueError, match="input_perturbation"):
@@ -334,29 +340,15 @@ def test_input_perturbation_adds_fresh_noise_to_the_input_only() -> None:
 def test_mask_corruption_noises_masks_from_imprecise_copies_and_keeps_the_target() -> None:
     batch = make_batch([1, 3])
     k = get_config("tiny").max_layers
-    inputs: dict[str, torch.Tensor] = {}
-    targets: dict[str, torch.Tensor] = {}
-    for name, overrides in (("plain", {}), ("identity", {"mask_corruption": 1.0, "mask_corruption_blur": [0.0, 0.0]}),
-                            ("warped", {"mask_corruption": 1.0, "mask_corruption_warp": 1.5}),
-                            ("late", {"mask_corruption": 1.0, "mask_corruption_warp": 1.5, "mask_corruption_min_t": 999})):
-        torch.manual_seed(0)
-        model = LayerDiffModel.from_config_name("tiny", **overrides)
-        predict, target = model.predict, model.target
-
-        def recording_predict(x_t, timesteps, context, present, x0_prev=None, _p=predict, _n=name):
-            inputs[_n] = x_t.detach().clone()
-            return _p(x_t, timesteps, context, present, x0_prev)
-
-        def recording_target(x0, noise, timesteps, _t=target, _n=name):
-            targets[_n] = x0.clone()
-            return _t(x0, noise, timesteps)
-
-        model.predict, model.target = recording_predict, recording_target  # type: ignore[method-assign]
-        assert torch.isfinite(model.training_loss(batch, torch.Generator().manual_seed(3))["loss"])
+    runs = {name: _loss_inputs(batch, **overrides) for name, overrides in (
+        ("plain", {}), ("identity", {"mask_corruption": 1.0, "mask_corruption_blur": [0.0, 0.0]}),
+        ("warped", {"mask_corruption": 1.0, "mask_corruption_warp": 1.5}),
+        ("late", {"mask_corruption": 1.0, "mask_corruption_warp": 1.5, "mask_corruption_min_t": 999}))}
+    inputs = {name: run["x_t"] for name, run in runs.items()}
     # sigma 0, no warp: the copy is the mask itself, and the same timesteps and noise are drawn
     assert torch.equal(inputs["identity"], inputs["plain"])
     # a real corruption changes only the present mask slots' inputs; every target is the true layer
-    assert torch.equal(targets["warped"], targets["plain"])
+    assert torch.equal(runs["warped"]["x0"], runs["plain"]["x0"])
     changed = (inputs["warped"] != inputs["plain"]).flatten(2).any(2)  # (B, L)
     assert not changed[:, : 1 + k].any()
     present = batch["present"].bool()
