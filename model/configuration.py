@@ -85,6 +85,13 @@ class LayerDiffConfig:
     mask_corruption_warp: float = 0.0
     # Only at timesteps >= this: the last steps stay plain denoisers (they keep the masks binary).
     mask_corruption_min_t: int = 0
+    # > 0: a mask slot's x0 estimate pays this times its mean distance from the nearer of -1 / +1
+    # (pixel units), at timesteps < mask_binarity_max_t. Where an input leaves the outline
+    # ambiguous (noise, or mask_corruption's imprecise copies), MSE alone answers the grey mean of
+    # the candidates; this term makes the last steps commit to one. Weight w moves an estimate
+    # w / 2 towards its nearer pole, so w >= 2 rounds every pixel. Binary pixel-space masks only.
+    mask_binarity_weight: float = 0.0
+    mask_binarity_max_t: int = 1000
     num_inference_steps: int = 25  # default DDIM steps (trailing spacing)
     # A UNet built from scratch starts with each ResNet's second convolution, each transformer's
     # output projection and the output convolution at zero (as ADM does, Dhariwal & Nichol 2021):
@@ -144,6 +151,12 @@ class LayerDiffConfig:
         if self.mask_corruption > 0 and (self.prediction_type != "sample" or not self.pixel_space):
             raise ValueError("mask_corruption needs prediction_type 'sample' and pixel_space (its target is "
                              "the true mask, not the noise of the corrupted input)")
+        if self.mask_binarity_weight < 0 or not 0 < self.mask_binarity_max_t <= self.num_train_timesteps:
+            raise ValueError(f"mask_binarity_weight must be >= 0 and mask_binarity_max_t in (0, T], got "
+                             f"{self.mask_binarity_weight}, {self.mask_binarity_max_t}")
+        if self.mask_binarity_weight > 0 and (not self.pixel_space or self.mask_encoding != "binary"):
+            raise ValueError("mask_binarity_weight needs pixel_space and mask_encoding 'binary' (it pulls "
+                             "mask estimates towards -1 / +1)")
         if self.input_perturbation < 0:
             raise ValueError(f"input_perturbation must be >= 0, got {self.input_perturbation}")
         if self.snr_gamma < 0:

@@ -343,7 +343,8 @@ class LayerDiffModel(nn.Module):
         """Diffusion loss over the present layers of a training batch (see model/README.md).
 
         Returns ``loss`` (scalar, differentiable) and detached diagnostics: ``loss_diffusion``,
-        ``loss_bg`` / ``loss_fg`` / ``loss_mask`` (per-role MSE) and ``loss_composite`` when used.
+        ``loss_bg`` / ``loss_fg`` / ``loss_mask`` (per-role MSE), ``loss_composite`` and
+        ``loss_binarity`` when used.
         """
         present = batch["present"].to(self.device, torch.bool)
         _check_present(present, self.config.max_layers)
@@ -397,6 +398,18 @@ class LayerDiffModel(nn.Module):
             per_slot = sq_err.sum(dim=(2, 3, 4)) / numel * present.float()
         loss = (per_slot * weight).sum() / norm
         out["loss_diffusion"] = loss.detach()
+
+        if self.config.mask_binarity_weight > 0:
+            a = self._alpha(t, x0.ndim)
+            k = self.config.max_layers
+            x0_hat, _ = self.predict_x0_eps(x_t.float(), pred, a)
+            masks_hat = (x0_hat[:, 1 + k:] / self.slot_scale(x0.ndim)[:, 1 + k:]).clamp(-1, 1)
+            grey = (1 - masks_hat.abs()).mean(dim=(2, 3, 4))  # (B, K): 0 where binary
+            low = (t < self.config.mask_binarity_max_t).float()[:, None]
+            # The diffusion loss's slot weights and norm, so the weight is relative to the MSE pixel for pixel.
+            binarity = (grey * low * weight[:, 1 + k:]).sum() / norm
+            out["loss_binarity"] = binarity.detach()
+            loss = loss + self.config.mask_binarity_weight * binarity
 
         if self.config.composite_loss_weight > 0:
             a = self._alpha(t, x0.ndim)

@@ -360,3 +360,46 @@ def test_mask_corruption_noises_masks_from_imprecise_copies_and_keeps_the_target
         LayerDiffModel.from_config_name("tiny", mask_corruption=1.5)
     with pytest.raises(ValueError, match="mask_corruption_min_t"):
         LayerDiffModel.from_config_name("tiny", mask_corruption=0.5, mask_corruption_min_t=1000)
+
+
+def test_mask_binarity_loss_is_the_mask_estimates_distance_from_the_poles() -> None:
+    batch = make_batch([1, 3])
+    k = get_config("tiny").max_layers
+
+    def losses(value: float, **overrides) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The loss of a tiny model whose UNet answers ``value`` (pixel units) for every mask pixel."""
+        torch.manual_seed(0)
+        model = LayerDiffModel.from_config_name("tiny", **overrides)
+        seen = {}
+
+        def constant_predict(x_t, timesteps, context, present, x0_prev=None):
+            seen["t"] = timesteps
+            out = torch.zeros_like(x_t)
+            out[:, 1 + k:] = value * model.slot_scale(x_t.ndim)[:, 1 + k:]
+            return out
+
+        model.predict = constant_predict  # type: ignore[method-assign]
+        return model.training_loss(batch, torch.Generator().manual_seed(3)), seen["t"]
+
+    on = {"mask_binarity_weight": 2.0}
+    grey, t = losses(0.0, **on)
+    assert grey["loss_binarity"] > 0
+    assert grey["loss"] == pytest.approx(float(grey["loss_diffusion"] + grey["loss_composite"]
+                                               + 2.0 * grey["loss_binarity"]), rel=1e-6)
+    # linear in the distance from the nearer pole, zero at either pole and beyond (clipped)
+    assert losses(0.5, **on)[0]["loss_binarity"] == pytest.approx(0.5 * float(grey["loss_binarity"]), rel=1e-5)
+    assert losses(-0.5, **on)[0]["loss_binarity"] == pytest.approx(0.5 * float(grey["loss_binarity"]), rel=1e-5)
+    for pole in (1.0, -1.0, 1.7):
+        assert float(losses(pole, **on)[0]["loss_binarity"]) == 0.0
+    # only timesteps below mask_binarity_max_t pay it
+    assert int(t.min()) > 0 and int(t.max()) > int(t.min())
+    assert float(losses(0.0, mask_binarity_weight=2.0, mask_binarity_max_t=int(t.min()))[0]["loss_binarity"]) == 0
+    partial = losses(0.0, mask_binarity_weight=2.0, mask_binarity_max_t=int(t.max()))[0]["loss_binarity"]
+    assert 0 < partial < grey["loss_binarity"]
+    assert "loss_binarity" not in losses(0.0)[0]
+    with pytest.raises(ValueError, match="mask_binarity_weight"):
+        LayerDiffModel.from_config_name("tiny", mask_binarity_weight=-1.0)
+    with pytest.raises(ValueError, match="mask_binarity_max_t"):
+        LayerDiffModel.from_config_name("tiny", mask_binarity_weight=1.0, mask_binarity_max_t=0)
+    with pytest.raises(ValueError, match="mask_binarity_weight"):
+        LayerDiffModel.from_config_name("tiny", mask_binarity_weight=1.0, mask_encoding="distance")
