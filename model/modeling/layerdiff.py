@@ -399,10 +399,11 @@ class LayerDiffModel(nn.Module):
         loss = (per_slot * weight).sum() / norm
         out["loss_diffusion"] = loss.detach()
 
-        if self.config.mask_binarity_weight > 0:
+        if self.config.mask_binarity_weight > 0 or self.config.composite_loss_weight > 0:
             a = self._alpha(t, x0.ndim)
+            x0_hat, _ = self.predict_x0_eps(x_t.float(), pred, a)  # what both terms below score
+        if self.config.mask_binarity_weight > 0:
             k = self.config.max_layers
-            x0_hat, _ = self.predict_x0_eps(x_t.float(), pred, a)
             masks_hat = (x0_hat[:, 1 + k:] / self.slot_scale(x0.ndim)[:, 1 + k:]).clamp(-1, 1)
             grey = (1 - masks_hat.abs()).mean(dim=(2, 3, 4))  # (B, K): 0 where binary
             low = (t < self.config.mask_binarity_max_t).float()[:, None]
@@ -412,8 +413,6 @@ class LayerDiffModel(nn.Module):
             loss = loss + self.config.mask_binarity_weight * binarity
 
         if self.config.composite_loss_weight > 0:
-            a = self._alpha(t, x0.ndim)
-            x0_hat, _ = self.predict_x0_eps(x_t.float(), pred, a)
             pixels_hat = self.decode_layers(x0_hat.to(self.dtype), present).float()
             pixels = batch["layers"].to(self.device, torch.float32)
             err = (compose(pixels_hat, present) - compose(pixels, present)) ** 2
