@@ -302,25 +302,38 @@ def test_coord_channels_reach_the_unet_and_round_trip(tmp_path: Path) -> None:
         LayerDiffModel.from_config_name("tiny", coord_channels=True, unet={"in_channels": 12})
 
 
-def _loss_inputs(batch: dict, **overrides) -> dict[str, torch.Tensor]:
-    """One training loss of a seeded tiny model with ``overrides``: what the UNet was given (x_t,
-    timesteps) and what its target was built from (x0, noise)."""
+def _traced_loss(batch: dict, mask_answer: float | None = None, **overrides
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One training loss of a seeded tiny model with ``overrides``, and what the UNet was given
+    (x_t, timesteps) and what its target was built from (x0, noise). ``mask_answer``: the UNet
+    answers zeros, and this value (pixel units) for every mask pixel, instead of running."""
     torch.manual_seed(0)
     model = LayerDiffModel.from_config_name("tiny", **overrides)
     seen: dict[str, torch.Tensor] = {}
     predict, target = model.predict, model.target
+    k = model.config.max_layers
 
     def recording_predict(x_t, timesteps, context, present, x0_prev=None):
         seen.update(x_t=x_t.detach().clone(), t=timesteps)
-        return predict(x_t, timesteps, context, present, x0_prev)
+        if mask_answer is None:
+            return predict(x_t, timesteps, context, present, x0_prev)
+        out = torch.zeros_like(x_t)
+        out[:, 1 + k:] = mask_answer * model.slot_scale(x_t.ndim)[:, 1 + k:]
+        return out
 
     def recording_target(x0, noise, timesteps):
         seen.update(x0=x0.clone(), noise=noise.clone())
         return target(x0, noise, timesteps)
 
     model.predict, model.target = recording_predict, recording_target  # type: ignore[method-assign]
-    assert torch.isfinite(model.training_loss(batch, torch.Generator().manual_seed(3))["loss"])
-    return seen
+    out = model.training_loss(batch, torch.Generator().manual_seed(3))
+    assert torch.isfinite(out["loss"])
+    return out, seen
+
+
+def _loss_inputs(batch: dict, **overrides) -> dict[str, torch.Tensor]:
+    """What the UNet was given and its target built from, in one training loss (``_traced_loss``)."""
+    return _traced_loss(batch, **overrides)[1]
 
 
 def test_input_perturbation_adds_fresh_noise_to_the_input_only() -> None:
@@ -364,22 +377,11 @@ def test_mask_corruption_noises_masks_from_imprecise_copies_and_keeps_the_target
 
 def test_mask_binarity_loss_is_the_mask_estimates_distance_from_the_poles() -> None:
     batch = make_batch([1, 3])
-    k = get_config("tiny").max_layers
 
     def losses(value: float, **overrides) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """The loss of a tiny model whose UNet answers ``value`` (pixel units) for every mask pixel."""
-        torch.manual_seed(0)
-        model = LayerDiffModel.from_config_name("tiny", **overrides)
-        seen = {}
-
-        def constant_predict(x_t, timesteps, context, present, x0_prev=None):
-            seen["t"] = timesteps
-            out = torch.zeros_like(x_t)
-            out[:, 1 + k:] = value * model.slot_scale(x_t.ndim)[:, 1 + k:]
-            return out
-
-        model.predict = constant_predict  # type: ignore[method-assign]
-        return model.training_loss(batch, torch.Generator().manual_seed(3)), seen["t"]
+        out, seen = _traced_loss(batch, mask_answer=value, **overrides)
+        return out, seen["t"]
 
     on = {"mask_binarity_weight": 2.0}
     grey, t = losses(0.0, **on)
