@@ -56,40 +56,37 @@ class InterLayerAttention(nn.Module):
             nn.init.zeros_(self.ff[-1].weight)
             nn.init.zeros_(self.ff[-1].bias)
 
-    def forward(self, hidden_states: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        """(B, L, C, H, W) + key_mask (B, L) bool (True = a present layer; None = all) -> same shape.
+    def forward(self, hidden_states: torch.Tensor, positions: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """(N, C, H, W) rows of present layers -> same shape, each row having attended to its sample's rows.
 
-        Samples are grouped by their pattern of present layers (at most K_max + 1 patterns) and each
-        group attends over its present layers only: no attention mask, so the fast SDPA kernels
-        apply, and an absent layer can neither attend nor be attended to. Absent layers pass through.
+        ``positions`` (N,): the flat slot ``b * L + l`` of each row (the UNet's packed batch), or None
+        when the rows are all ``batch_size * L`` slots in order. Per-token work (norms, projections,
+        feed-forward) runs once over the present rows; only the attention itself is laid out as
+        (B, L), with absent layers' keys masked out, so a padded layer can neither attend nor be
+        attended to. One pass for every pattern of present layers: grouping samples by pattern cost
+        a copy of every per-token op per group (BENCHMARKS.md, session 13).
         """
-        if key_mask is None or bool(key_mask.all()):
-            return self._attend(hidden_states, None)
-        out = hidden_states.clone()
-        patterns, inverse = torch.unique(key_mask, dim=0, return_inverse=True)
-        for i, pattern in enumerate(patterns):
-            rows = (inverse == i).nonzero().squeeze(1)
-            slots = pattern.nonzero().squeeze(1)
-            sub = hidden_states.index_select(0, rows).index_select(1, slots)
-            out[rows[:, None], slots[None, :]] = self._attend(sub, slots)
-        return out
-
-    def _attend(self, hidden_states: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
-        b, num_layers, c, h, w = hidden_states.shape
-        emb = self.slot_embedding if slots is None else self.slot_embedding.index_select(0, slots)
-        x = hidden_states.permute(0, 3, 4, 1, 2).reshape(b, h * w, num_layers, c)
-        q, k, v = self.to_qkv(self.norm(x) + emb).chunk(3, dim=-1)
-
-        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, HW, L, C) -> (B, HW * heads, L, C / heads)
-            t = t.reshape(b, h * w, num_layers, self.num_heads, c // self.num_heads)
-            return t.transpose(2, 3).reshape(b, h * w * self.num_heads, num_layers, c // self.num_heads)
-
-        attn = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
-        attn = attn.reshape(b, h * w, self.num_heads, num_layers, c // self.num_heads).transpose(2, 3)
-        x = x + self.to_out(attn.reshape(b, h * w, num_layers, c))
+        n, c, h, w = hidden_states.shape
+        num_slots, heads = self.slot_embedding.shape[0], self.num_heads
+        slots = torch.arange(n, device=hidden_states.device) if positions is None else positions
+        x = hidden_states.permute(0, 2, 3, 1).reshape(n, h * w, c)
+        emb = self.slot_embedding.index_select(0, slots % num_slots)[:, None, :]
+        qkv = self.to_qkv(self.norm(x) + emb)
+        if positions is not None:
+            qkv = qkv.new_zeros(batch_size * num_slots, h * w, 3 * c).index_copy(0, positions, qkv)
+        # (B, L, HW, 3, heads, d) -> three (B, HW, heads, L, d): attention over each position's L layers.
+        q, k, v = qkv.view(batch_size, num_slots, h * w, 3, heads, c // heads).permute(3, 0, 2, 4, 1, 5).unbind(0)
+        scores = (q @ k.transpose(-1, -2)) * (c // heads) ** -0.5
+        if positions is not None:
+            absent = torch.ones(batch_size * num_slots, dtype=torch.bool, device=x.device).index_fill(0, positions, False)
+            scores = scores.masked_fill(absent.view(batch_size, 1, 1, 1, num_slots), float("-inf"))
+        attn = (scores.softmax(-1) @ v).permute(0, 3, 1, 2, 4).reshape(batch_size * num_slots, h * w, c)
+        if positions is not None:
+            attn = attn.index_select(0, positions)
+        x = x + self.to_out(attn)
         if self.ff is not None:
             x = x + self.ff(self.ff_norm(x))
-        return x.reshape(b, h, w, num_layers, c).permute(0, 3, 4, 1, 2)
+        return x.reshape(n, h, w, c).permute(0, 3, 1, 2)
 
 
 class LayerAdapter(ModelMixin, ConfigMixin):
@@ -154,9 +151,9 @@ class _LayerBatch:
 
     batch_size: int
     num_slots: int
-    index: torch.Tensor | None  # (N,) flat slot of each UNet row; None = all B * L rows
-    present: torch.Tensor | None  # (B, L) bool; None = every layer present
-    slots: torch.Tensor  # (N,) slot index (0..L-1) of each UNet row
+    positions: torch.Tensor | None  # (N,) flat slot b * L + l of each present layer; None = all B * L
+    rows: torch.Tensor | None  # (N,) UNet rows of those layers; None = every UNet row (packed)
+    slots: torch.Tensor  # slot index (0..L-1) of each UNet row
 
 
 class LayeredUNet(nn.Module):
@@ -203,14 +200,12 @@ class LayeredUNet(nn.Module):
         if batch is None:
             return output
         hidden = output[0] if isinstance(output, tuple) else output.sample
-        b, num_slots = batch.batch_size, batch.num_slots
-        if batch.index is None:
-            full = hidden
-        else:  # scatter the packed rows into their (B, L) slots; absent slots are masked keys anyway
-            full = hidden.new_zeros((b * num_slots,) + hidden.shape[1:]).index_copy(0, batch.index, hidden)
-        full = self.adapter.blocks[block_index](full.reshape((b, num_slots) + hidden.shape[1:]), batch.present)
-        full = full.reshape((b * num_slots,) + hidden.shape[1:])
-        hidden = full if batch.index is None else full.index_select(0, batch.index)
+        block = self.adapter.blocks[block_index]
+        if batch.rows is None:
+            hidden = block(hidden, batch.positions, batch.batch_size)
+        else:  # unpacked with padding: absent rows pass through (their outputs are zeroed later)
+            present = block(hidden.index_select(0, batch.rows), batch.positions, batch.batch_size)
+            hidden = hidden.index_copy(0, batch.rows, present)
         if isinstance(output, tuple):
             return (hidden,) + tuple(output[1:])
         return Transformer2DModelOutput(sample=hidden)
@@ -233,24 +228,27 @@ class LayeredUNet(nn.Module):
         context = encoder_hidden_states.reshape((b * num_slots,) + encoder_hidden_states.shape[2:])
         timesteps = timestep.repeat_interleave(num_slots)
         slots = torch.arange(num_slots, device=sample.device).repeat(b)
-        index = None
-        if pack and present is not None and not bool(present.all()):
+        index = rows = None
+        if present is not None and not bool(present.all()):
             index = present.reshape(-1).nonzero().squeeze(1)
-            flat, context = flat.index_select(0, index), context.index_select(0, index)
-            timesteps, slots = timesteps.index_select(0, index), slots.index_select(0, index)
+            if pack:
+                flat, context = flat.index_select(0, index), context.index_select(0, index)
+                timesteps, slots = timesteps.index_select(0, index), slots.index_select(0, index)
+            else:
+                rows = index
 
         if self.patch_size > 1:
             flat = F.pixel_unshuffle(flat, self.patch_size)
         if self.coord_channels:
             flat = torch.cat([flat, coordinate_channels(flat)], dim=1)
-        self._batch = _LayerBatch(b, num_slots, index, present, slots)
+        self._batch = _LayerBatch(b, num_slots, index, rows, slots)
         try:
             out = self.unet(flat, timesteps, encoder_hidden_states=context, return_dict=False)[0]
         finally:
             self._batch = None  # a later direct call of self.unet is a plain UNet again
         if self.patch_size > 1:
             out = F.pixel_shuffle(out, self.patch_size)
-        if index is not None:
+        if index is not None and rows is None:
             out = out.new_zeros((b * num_slots,) + out.shape[1:]).index_copy(0, index, out)
         out = out.reshape((b, num_slots) + out.shape[1:])
         if present is None:

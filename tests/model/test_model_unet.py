@@ -87,6 +87,41 @@ def test_padding_cannot_influence_present_layers(active_model: LayerDiffModel, p
     torch.testing.assert_close(after[present], before[present], atol=1e-6, rtol=0)
 
 
+def _reference_inter_layer(block, hidden: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """The block's maths one sample and one position at a time: softmax over the present layers only."""
+    b, num_slots, c, h, w = hidden.shape
+    heads, d = block.num_heads, c // block.num_heads
+    out = hidden.clone()
+    for i in range(b):
+        slots = present[i].nonzero().squeeze(1)
+        for y in range(h):
+            for x in range(w):
+                tokens = hidden[i, slots, :, y, x]  # (n, C)
+                q, k, v = block.to_qkv(block.norm(tokens) + block.slot_embedding[slots]).split(c, dim=-1)
+                mixed = torch.cat([torch.softmax(q[:, j * d:(j + 1) * d] @ k[:, j * d:(j + 1) * d].T / d ** 0.5, -1)
+                                   @ v[:, j * d:(j + 1) * d] for j in range(heads)], dim=-1)
+                tokens = tokens + block.to_out(mixed)
+                out[i, slots, :, y, x] = tokens + block.ff(block.ff_norm(tokens))
+    return out
+
+
+def test_inter_layer_attention_matches_per_sample_reference(active_model: LayerDiffModel) -> None:
+    """One pass over a mixed-K batch (packed rows, masked keys) is per-sample attention over present layers."""
+    block = active_model.unet.adapter.blocks[0]
+    present = make_batch([1, 3, 2])["present"]
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn((3, present.shape[1], block.norm.normalized_shape[0], 3, 2), generator=gen)
+    positions = present.reshape(-1).nonzero().squeeze(1)
+    with torch.no_grad():
+        want = _reference_inter_layer(block, hidden, present)
+        packed = block(hidden.flatten(0, 1).index_select(0, positions), positions, 3)
+        full = block(hidden.flatten(0, 1), None, 3)  # every layer present
+        want_full = _reference_inter_layer(block, hidden, torch.ones_like(present))
+    torch.testing.assert_close(packed, want.flatten(0, 1).index_select(0, positions), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full, want_full.flatten(0, 1), atol=1e-5, rtol=1e-5)
+    assert (packed - hidden.flatten(0, 1).index_select(0, positions)).abs().max() > 1e-3  # it acts
+
+
 def _grad_norms(model: LayerDiffModel, ks: list[int]) -> dict[str, float]:
     model.train()
     model.zero_grad()
