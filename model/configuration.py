@@ -92,6 +92,13 @@ class LayerDiffConfig:
     # w / 2 towards its nearer pole, so w >= 2 rounds every pixel. Binary pixel-space masks only.
     mask_binarity_weight: float = 0.0
     mask_binarity_max_t: int = 1000
+    # True: the UNet's output for a mask slot is a per-pixel logit l of "inside", its x0 estimate
+    # scale * tanh(l / 2) (= scale * (2 sigmoid(l) - 1)), trained with binary cross-entropy against the
+    # true mask instead of MSE: a mask is a per-pixel classification, and cross-entropy keeps a full
+    # gradient on confidently wrong outline pixels where MSE through a saturating output would not.
+    # Both are proper losses, so the estimate is still the posterior mean. x0-prediction, binary
+    # pixel-space masks only.
+    mask_logits: bool = False
     num_inference_steps: int = 25  # default DDIM steps (trailing spacing)
     # A UNet built from scratch starts with each ResNet's second convolution, each transformer's
     # output projection and the output convolution at zero (as ADM does, Dhariwal & Nichol 2021):
@@ -157,6 +164,10 @@ class LayerDiffConfig:
         if self.mask_binarity_weight > 0 and (not self.pixel_space or self.mask_encoding != "binary"):
             raise ValueError("mask_binarity_weight needs pixel_space and mask_encoding 'binary' (it pulls "
                              "mask estimates towards -1 / +1)")
+        if self.mask_logits and (self.prediction_type != "sample" or not self.pixel_space
+                                 or self.mask_encoding != "binary"):
+            raise ValueError("mask_logits needs prediction_type 'sample', pixel_space and mask_encoding "
+                             "'binary' (the mask slots' output is the logit of a binary x0)")
         if self.input_perturbation < 0:
             raise ValueError(f"input_perturbation must be >= 0, got {self.input_perturbation}")
         if self.snr_gamma < 0:

@@ -317,8 +317,15 @@ class LayerDiffModel(nn.Module):
             eps = model_output
             return (x_t - s1a * eps) / sa.clamp_min(1e-4), eps
         if self.config.prediction_type == "sample":
-            return model_output, (x_t - sa * model_output) / s1a.clamp_min(1e-4)
+            x0 = self.logits_to_x0(model_output) if self.config.mask_logits else model_output
+            return x0, (x_t - sa * x0) / s1a.clamp_min(1e-4)
         return sa * x_t - s1a * model_output, s1a * x_t + sa * model_output
+
+    def logits_to_x0(self, model_output: torch.Tensor) -> torch.Tensor:
+        """A ``mask_logits`` model's output with each mask slot's logits l as x0: scale * tanh(l / 2)."""
+        k = self.config.max_layers
+        masks = torch.tanh(model_output[:, 1 + k:] / 2) * self.slot_scale(model_output.ndim)[:, 1 + k:]
+        return torch.cat([model_output[:, : 1 + k], masks.to(model_output.dtype)], dim=1)
 
     def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor | int, context: torch.Tensor,
                 present: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
@@ -371,6 +378,11 @@ class LayerDiffModel(nn.Module):
         # Errors in pixel units (a latent is the layer times its input scale), so scaling a role's
         # input moves its schedule without also shrinking its loss.
         sq_err = (pred - self.target(x0, noise, t).float()) ** 2 / self.slot_scale(x0.ndim) ** 2
+        if self.config.mask_logits:  # the mask slots' error is the cross-entropy of their logits
+            k = self.config.max_layers
+            inside = (x0[:, 1 + k:] > 0).float()
+            bce = F.binary_cross_entropy_with_logits(pred[:, 1 + k:], inside, reduction="none")
+            sq_err = torch.cat([sq_err[:, : 1 + k], bce], dim=1)
         per_slot = sq_err.sum(dim=(2, 3, 4)) / numel * present.float()  # (B, L)
         roles = slot_roles(self.config.max_layers).to(self.device)
         out = {}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import LayerDiffConfig, LayerDiffModel, get_config
 from model.sampling import ddim_sample
@@ -405,3 +407,33 @@ def test_mask_binarity_loss_is_the_mask_estimates_distance_from_the_poles() -> N
         LayerDiffModel.from_config_name("tiny", mask_binarity_weight=1.0, mask_binarity_max_t=0)
     with pytest.raises(ValueError, match="mask_binarity_weight"):
         LayerDiffModel.from_config_name("tiny", mask_binarity_weight=1.0, mask_encoding="distance")
+
+
+def test_mask_logits_train_masks_by_cross_entropy_and_read_x0_through_tanh() -> None:
+    batch = make_batch([1, 3])
+    model = LayerDiffModel.from_config_name("tiny", mask_logits=True)
+    k = model.config.max_layers
+    scale = model.slot_scale(5)[:, 1 + k:]
+    present = batch["present"][:, 1 + k:]
+    share_inside = (batch["layers"][:, 1 + k:] > 0).float().mean(dim=(2, 3, 4))[present]  # per present mask
+    for answer in (0.0, 2.0, -1.5):
+        out, _ = _traced_loss(batch, mask_answer=answer, mask_logits=True)
+        z = torch.tensor(answer) * scale.flatten()[0]  # the logit the harness's UNet answered
+        want = share_inside * F.softplus(-z) + (1 - share_inside) * F.softplus(z)  # BCE per mask slot
+        assert float(out["loss_mask"]) == pytest.approx(float(want.mean()), rel=1e-5)
+    # without the option the same answer is scored by squared error (ln 2 is the logit-0 cross-entropy)
+    assert float(_traced_loss(batch, mask_answer=0.0)[0]["loss_mask"]) == pytest.approx(1.0, rel=1e-5)
+    assert float(_traced_loss(batch, mask_answer=0.0, mask_logits=True)[0]["loss_mask"]) == pytest.approx(
+        math.log(2), rel=1e-5)
+    # x0: scale * tanh(logit / 2) on the mask slots, the background and foreground outputs as they are
+    gen = torch.Generator().manual_seed(0)
+    output, x_t = (torch.randn(batch["layers"].shape, generator=gen) * 3 for _ in range(2))
+    alpha = model._alpha(torch.tensor([500, 20]), 5)
+    x0, eps = model.predict_x0_eps(x_t, output, alpha)
+    torch.testing.assert_close(x0[:, : 1 + k], output[:, : 1 + k])
+    torch.testing.assert_close(x0[:, 1 + k:], scale * torch.tanh(output[:, 1 + k:] / 2))
+    assert x0[:, 1 + k:].abs().max() < scale.max()
+    torch.testing.assert_close(eps, (x_t - alpha.sqrt() * x0) / (1 - alpha).sqrt())
+    for bad in ({"prediction_type": "v_prediction"}, {"mask_encoding": "distance"}):
+        with pytest.raises(ValueError, match="mask_logits"):
+            LayerDiffModel.from_config_name("tiny", mask_logits=True, **bad)
