@@ -68,9 +68,9 @@ class InterLayerAttention(nn.Module):
         """
         n, c, h, w = hidden_states.shape
         num_slots, heads = self.slot_embedding.shape[0], self.num_heads
-        slots = torch.arange(n, device=hidden_states.device) if positions is None else positions
+        flat = torch.arange(n, device=hidden_states.device) if positions is None else positions
         x = hidden_states.permute(0, 2, 3, 1).reshape(n, h * w, c)
-        emb = self.slot_embedding.index_select(0, slots % num_slots)[:, None, :]
+        emb = self.slot_embedding.index_select(0, flat % num_slots)[:, None, :]
         qkv = self.to_qkv(self.norm(x) + emb)
         if positions is not None:
             qkv = qkv.new_zeros(batch_size * num_slots, h * w, 3 * c).index_copy(0, positions, qkv)
