@@ -152,7 +152,7 @@ class _LayerBatch:
     batch_size: int
     num_slots: int
     positions: torch.Tensor | None  # (N,) flat slot b * L + l of each present layer; None = all B * L
-    rows: torch.Tensor | None  # (N,) UNet rows of those layers; None = every UNet row (packed)
+    packed: bool  # the UNet rows are those present layers; False: all B * L slots, absent ones too
     slots: torch.Tensor  # slot index (0..L-1) of each UNet row
 
 
@@ -201,11 +201,11 @@ class LayeredUNet(nn.Module):
             return output
         hidden = output[0] if isinstance(output, tuple) else output.sample
         block = self.adapter.blocks[block_index]
-        if batch.rows is None:
+        if batch.packed or batch.positions is None:
             hidden = block(hidden, batch.positions, batch.batch_size)
         else:  # unpacked with padding: absent rows pass through (their outputs are zeroed later)
-            present = block(hidden.index_select(0, batch.rows), batch.positions, batch.batch_size)
-            hidden = hidden.index_copy(0, batch.rows, present)
+            present = block(hidden.index_select(0, batch.positions), batch.positions, batch.batch_size)
+            hidden = hidden.index_copy(0, batch.positions, present)
         if isinstance(output, tuple):
             return (hidden,) + tuple(output[1:])
         return Transformer2DModelOutput(sample=hidden)
@@ -228,27 +228,25 @@ class LayeredUNet(nn.Module):
         context = encoder_hidden_states.reshape((b * num_slots,) + encoder_hidden_states.shape[2:])
         timesteps = timestep.repeat_interleave(num_slots)
         slots = torch.arange(num_slots, device=sample.device).repeat(b)
-        index = rows = None
+        index = None
         if present is not None and not bool(present.all()):
             index = present.reshape(-1).nonzero().squeeze(1)
             if pack:
                 flat, context = flat.index_select(0, index), context.index_select(0, index)
                 timesteps, slots = timesteps.index_select(0, index), slots.index_select(0, index)
-            else:
-                rows = index
 
         if self.patch_size > 1:
             flat = F.pixel_unshuffle(flat, self.patch_size)
         if self.coord_channels:
             flat = torch.cat([flat, coordinate_channels(flat)], dim=1)
-        self._batch = _LayerBatch(b, num_slots, index, rows, slots)
+        self._batch = _LayerBatch(b, num_slots, index, pack, slots)
         try:
             out = self.unet(flat, timesteps, encoder_hidden_states=context, return_dict=False)[0]
         finally:
             self._batch = None  # a later direct call of self.unet is a plain UNet again
         if self.patch_size > 1:
             out = F.pixel_shuffle(out, self.patch_size)
-        if index is not None and rows is None:
+        if index is not None and pack:
             out = out.new_zeros((b * num_slots,) + out.shape[1:]).index_copy(0, index, out)
         out = out.reshape((b, num_slots) + out.shape[1:])
         if present is None:
