@@ -350,7 +350,7 @@ class LayerDiffModel(nn.Module):
         """Diffusion loss over the present layers of a training batch (see model/README.md).
 
         Returns ``loss`` (scalar, differentiable) and detached diagnostics: ``loss_diffusion``,
-        ``loss_bg`` / ``loss_fg`` / ``loss_mask`` (per-role MSE), ``loss_composite`` and
+        ``loss_bg`` / ``loss_fg`` / ``loss_mask`` (per-role MSE; the masks' cross-entropy with ``mask_logits``), ``loss_composite`` and
         ``loss_binarity`` when used.
         """
         present = batch["present"].to(self.device, torch.bool)
