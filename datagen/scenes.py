@@ -161,7 +161,7 @@ def _mix(c: Sequence[float], other: Sequence[float], t: float) -> np.ndarray:
     return (1 - t) * np.asarray(c, np.float64) + t * np.asarray(other, np.float64)
 
 
-def _background_tones(colour: str) -> tuple[np.ndarray, np.ndarray]:
+def background_tones(colour: str) -> tuple[np.ndarray, np.ndarray]:
     """The two extreme tones of a background colour (stripes, checker and gradient ends)."""
     base = np.asarray(PALETTE[colour], np.float64)
     if base.mean() > 170:  # light colours pair with a darker tone
@@ -176,13 +176,13 @@ def _segment_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _colour_ok_on(colour: str, bg_colour: str) -> bool:
-    a, b = _background_tones(bg_colour)
+    a, b = background_tones(bg_colour)
     return _segment_distance(np.asarray(PALETTE[colour], np.float64), a, b) >= MIN_BG_DISTANCE
 
 
 def _render_background(kind: str, colour: str, size: int, params: dict[str, float],
                        noise_rng: np.random.Generator) -> np.ndarray:
-    a, b = _background_tones(colour)
+    a, b = background_tones(colour)
     ii, jj = np.mgrid[0:size, 0:size]
     if kind == "flat":
         img = np.broadcast_to(a, (size, size, 3)).astype(np.float64)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from model.configuration import get_config
+from model.configuration import PRESETS, get_config
 from model.layers import ROLE_BACKGROUND, ROLE_FOREGROUND, slot_depths, slot_roles
 from model.modeling.layer_attention import transformer_blocks
 from model.modeling.layerdiff import LayerDiffModel
@@ -106,7 +106,7 @@ def build_for_info(name: str, pretrained_path: str | None = None) -> LayerDiffMo
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=["tiny", "sd15"], default="tiny")
+    parser.add_argument("--config", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--pretrained-path", default=None, help="local diffusers SD 1.5 folder (sd15)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)

@@ -54,7 +54,7 @@ class TrainConfig:
     data: str = "data"  # dataset folder (manifest.json), shard path, brace pattern, or "a::b"
     out: str = "runs/tiny"
     # model
-    model: str = "tiny"  # config preset: tiny | sd15
+    model: str = "tiny"  # config preset: tiny | tiny-s3 | sd15
     model_args: dict[str, Any] = field(default_factory=dict)  # overrides, e.g. {"resolution": 32}
     init_from: str | None = None  # start from a save_pretrained folder instead of the preset
     # optimisation

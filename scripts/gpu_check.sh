@@ -45,7 +45,7 @@ cp $(ls $W/tr/samples/*.png 2>/dev/null | tail -1) $OUT/res/ 2>/dev/null; ls $W/
 
 el "2. fidelity: tiny config on $DEV, batch 64, $FIDMIN wall minutes, eval on $DEV"
 FA=""; [ "$DRY" = 1 ] && FA="--train-scenes 200 --shard-size 100 --eval-scenes 4 --sample-steps 3"
-timeout 330 $PY -m model.fidelity --out $W/fid --minutes $FIDMIN --threads 8 --device $DEV $FA \
+timeout 330 $PY -m bench.fidelity --preset tiny-30 --out $W/fid --minutes $FIDMIN --threads 8 --device $DEV $FA \
   --train-arg use_gpu=$([ "$DRY" = 0 ] && echo true || echo false) --train-arg budget_clock=wall --train-arg batch_size=64 2>&1 | grep -v "^wrote" | tail -16
 cp $W/fid/fidelity.md $W/fid/fidelity.json $W/fid/loss.png $W/fid/samples-*.png $OUT/res/ 2>/dev/null
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import LayerDiffModel
-from model.testing import perturb_new_modules
+from tests.model.helpers import perturb_new_modules
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +40,7 @@ def pipe(model_dir: Path):  # noqa: ANN201
 def latent_pipe(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     """An sd15-layout model (VAE latents) with tiny random weights, at 32 px."""
     from model.pipeline import LayerDiffPipeline
-    from model.testing import make_sd15_folder
+    from tests.model.helpers import make_sd15_folder
 
     torch.set_flush_denormal(True)
     folder = make_sd15_folder(tmp_path_factory.mktemp("sd15"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import LayerDiffModel
-from model.testing import make_sd15_folder, perturb_new_modules
+from tests.model.helpers import make_sd15_folder, perturb_new_modules
 
 
 @pytest.fixture(autouse=True)

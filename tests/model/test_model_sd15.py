@@ -10,8 +10,8 @@ from diffusers import UNet2DConditionModel
 
 from model import LayerDiffModel
 from model.sampling import ddim_sample
-from model.testing import perturb_new_modules
 from tests.model.batches import make_batch
+from tests.model.helpers import perturb_new_modules
 
 
 @pytest.fixture()

@@ -1,4 +1,4 @@
-"""The shape probe (model.probe) on an oracle model: it must report what the oracle does."""
+"""The shape probe (bench.probe) on an oracle model: it must report what the oracle does."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
+from bench.fidelity import EVAL_SEED0, FidelityConfig, eval_scenes, scene_samples
+from bench.probe import probe, save_strip
 from datagen.scenes import split_combos
 from model import LayerDiffModel
 from model.data import to_example
-from model.fidelity import EVAL_SEED0, FidelityConfig, eval_scenes, scene_sample
-from model.probe import probe, save_strip
 
 
 def test_probe_reads_an_oracle_model(tmp_path: Path) -> None:
@@ -18,8 +18,9 @@ def test_probe_reads_an_oracle_model(tmp_path: Path) -> None:
     cfg = FidelityConfig()
     seen, _ = split_combos(cfg.holdout_fraction, seed=cfg.seed)
     scenes = eval_scenes(seen, 4, 32, (1, 1), EVAL_SEED0, **cfg.scene_args)  # the probe's own scenes
-    layers = torch.stack([to_example(scene_sample(s, "k"), 32, 3)["layers"] for s in scenes])
-    present = torch.stack([to_example(scene_sample(s, "k"), 32, 3)["present"] for s in scenes])
+    examples = [to_example(s, 32, 3) for s in scene_samples(scenes, 32, 3)]
+    layers = torch.stack([e["layers"] for e in examples])
+    present = torch.stack([e["present"] for e in examples])
     truth = model.encode_layers(layers, present)
     # x0-prediction oracle: the true layers whatever the noise and the prompt (CFG doubles the batch)
     model.predict = lambda x_t, *args: truth.repeat(x_t.shape[0] // truth.shape[0], 1, 1, 1, 1)

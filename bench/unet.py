@@ -1,4 +1,4 @@
-"""Benchmarks of the layered UNet: ``python -m model.bench [--repeats N] [--batch B] [--markdown]``.
+"""Cost of the layered UNet: ``python -m bench.unet [--repeats N] [--batch B] [--markdown]``.
 
 1. tiny, CPU, one thread: forward + backward of the layered UNet on (B, L) layers against the plain
    UNet (same weights) on B * L images, i.e. the overhead of layer-collaborative attention; plus the
@@ -18,11 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.machine import describe_machine, machine_line
+from model import LayerDiffModel
 from model.configuration import get_config
 from model.layers import present_vector
-from model.machine import describe_machine, machine_line
-from model.modeling.layerdiff import LayerDiffModel
-from model.testing import perturb_new_modules
 
 GIB = 2**30
 
@@ -41,9 +40,8 @@ def _time(fn, repeats: int) -> float:
 def bench_tiny(batch: int = 8, repeats: int = 5) -> dict[str, Any]:
     """Forward + backward seconds: layered vs plain UNet on the same number of images."""
     torch.manual_seed(0)
-    model = LayerDiffModel.from_config_name("tiny")
-    perturb_new_modules(model)
-    model.train()
+    # The new modules at their zero initialisation run the same operations as trained ones.
+    model = LayerDiffModel.from_config_name("tiny").train()
     cfg, layered, plain = model.config, model.unet, model.unet.unet
     num_slots, p = cfg.num_slots, cfg.patch_size
     x = torch.randn(batch, num_slots, *model.latent_shape)
@@ -141,9 +139,9 @@ def bench_sd15() -> dict[str, Any]:
 
 def markdown(tiny: dict[str, Any], train: dict[str, Any], sd15: dict[str, Any]) -> str:
     return "\n".join([
-        "## Model (issue 4)",
+        "## Layered UNet cost",
         "",
-        f"Measured with `python -m model.bench` ({machine_line(describe_machine())}, "
+        f"Measured with `python -m bench.unet` ({machine_line(describe_machine())}, "
         f"{tiny['threads']} thread, flush-denormal on).",
         "",
         f"Tiny config, forward + backward of the UNet, batch {tiny['batch']} x L={tiny['layers']} layers "
@@ -160,7 +158,7 @@ def markdown(tiny: dict[str, Any], train: dict[str, Any], sd15: dict[str, Any]) 
         f"Forward FLOPs (load-independent): layered / plain = {tiny['flop_ratio']:.3f}; the plain UNet is "
         f"{tiny['plain_gflop_per_image']:.3f} GFLOP per 32x32 image.",
         "",
-        f"Whole tiny training step (text encoder, enhancer, layered UNet, v loss, backward, AdamW), batch "
+        f"Whole tiny training step (text encoder, enhancer, layered UNet, loss, backward, AdamW), batch "
         f"{train['batch']} with K = 1..3 mixed ({train['images']} present layers): **{train['step_s']:.2f} s**.",
         "",
         f"sd15 config (SD 1.5 component configs on the meta device; L={sd15['layers']}, latent "

@@ -1,23 +1,25 @@
-"""The fidelity benchmark: it refuses shards written for other scenes, its report counts each prompted shape,
-and it scores a run's snapshots as their own models; the report names the machine."""
+"""The fidelity benchmark: its shards are the product's (validated, read back as the scenes), it refuses
+shards written for other scenes, its report counts each prompted shape, it scores a run's snapshots as
+their own models, the report names the machine, and its presets fill what a run leaves open."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from datagen.scenes import ShapeSpec, make_scene, shape_mask, split_combos
-from model.fidelity import (
+from bench.fidelity import (
     EVAL_SEED0,
+    PRESETS,
     FidelityConfig,
     check_scene_shards,
     eval_scenes,
     evaluate,
     markdown,
-    scene_sample,
+    scene_samples,
     score_sample,
     score_snapshots,
     summarize,
@@ -25,7 +27,41 @@ from model.fidelity import (
     verdict,
     write_scene_shards,
 )
-from model.machine import describe_machine
+from bench.machine import describe_machine
+from datagen.format import LayerSample, iter_tar_samples
+from datagen.scenes import ShapeSpec, make_scene, shape_mask, split_combos
+from manifests.cli import main as manifests_main
+
+
+def test_shards_are_written_by_the_product_writer_and_read_back_as_the_scenes(tmp_path: Path) -> None:
+    cfg = FidelityConfig()
+    _seen, held = split_combos(cfg.holdout_fraction, seed=cfg.seed)
+    data = write_scene_shards(tmp_path / "data", [3, 4, 5], 32, held, shard_size=2, **cfg.scene_args)
+    assert manifests_main(["validate", str(data)]) == 0
+    assert sorted(p.name for p in (data / "shards").glob("*.tar")) == ["000000.tar", "000001.tar"]
+    read = {g.key: LayerSample.from_members(g.key, g.members)
+            for tar in sorted((data / "shards").glob("*.tar")) for g in iter_tar_samples(tar)}
+    assert sorted(read) == ["scene-00000003", "scene-00000004", "scene-00000005"]
+    for seed in (3, 4, 5):
+        scene, sample = make_scene(seed, 32, exclude=held, **cfg.scene_args), read[f"scene-{seed:08d}"]
+        assert all((c, s) not in held for c, s in zip(scene.colours, scene.shapes, strict=True))
+        np.testing.assert_array_equal(sample.image, scene.image)
+        np.testing.assert_array_equal(sample.background, scene.background)
+        assert len(sample.masks) == len(scene.masks)
+        for got, want in zip(sample.masks, scene.masks, strict=True):
+            np.testing.assert_array_equal(got, want)
+        assert [layer["caption"] for layer in sample.meta["layers"]] == scene.layer_captions
+
+
+def test_presets_fill_what_the_run_leaves_open() -> None:
+    assert FidelityConfig().preset == "s3-120"
+    s3 = FidelityConfig()
+    assert (s3.model, s3.minutes, s3.eta, s3.sample_steps) == ("tiny-s3", 120.0, 1.0, 100)
+    quick = FidelityConfig(preset="tiny-30", minutes=2.0)
+    assert (quick.model, quick.minutes, quick.eta, quick.sample_steps) == ("tiny", 2.0, 0.0, 25)
+    assert set(PRESETS["s3-120"]) == set(PRESETS["tiny-30"])
+    with pytest.raises(ValueError, match="unknown fidelity preset 'nope'"):
+        FidelityConfig(preset="nope")
 
 
 def test_existing_shards_must_match_the_benchmark_scenes(tmp_path: Path) -> None:
@@ -45,7 +81,7 @@ def test_existing_shards_must_match_the_benchmark_scenes(tmp_path: Path) -> None
 
 def test_report_counts_each_prompted_shape_and_what_it_was_classified_as() -> None:
     scenes = [make_scene(seed, 32, object_scale=1.5) for seed in range(6)]
-    examples = [to_example(scene_sample(s, f"s{s.seed}"), 32, 3) for s in scenes]
+    examples = [to_example(s, 32, 3) for s in scene_samples(scenes, 32, 3)]
     # the first object of scene 0 (a triangle) drawn as a large disc instead: a wrong shape
     first = scenes[0].specs[0]
     assert first.shape != "circle"
@@ -98,7 +134,7 @@ def test_snapshots_are_scored_as_their_own_models_on_the_same_scenes(tmp_path: P
     assert rows[0]["seen"] != rows[1]["seen"]  # two different models, told apart
     assert [r["minute"] for r in score_snapshots(tmp_path / "train", scenes, cfg, "nearest", [20.0])] == [20.0]
 
-    examples = [to_example(scene_sample(s, f"s{s.seed}"), 32, 3) for s in scenes["seen"]]
+    examples = [to_example(s, 32, 3) for s in scene_samples(scenes["seen"], 32, 3)]
     report = summarize([score_sample(e["layers"], e["present"], s, "nearest") for s, e in zip(scenes["seen"], examples)])
     machine = describe_machine()
     text = markdown({"seen": report, "held_out": report, "seen_truth": report, "held_out_truth": report,
@@ -112,13 +148,16 @@ def test_snapshots_are_scored_as_their_own_models_on_the_same_scenes(tmp_path: P
 
 
 def test_cli_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    import model.fidelity as fidelity
+    import bench.fidelity as fidelity
 
     seen = []
     monkeypatch.setattr(fidelity, "run", lambda cfg: seen.append(cfg) or {})
     monkeypatch.setattr(fidelity, "markdown", lambda report: "")
     fidelity.main(["--minutes", "2.5", "--snapshots", "1", "2", "--upright", "--objects", "1",
                    "--train-arg", "batch_size=4"])
+    fidelity.main(["--preset", "tiny-30", "--eta", "0.5"])
     cfg = seen[0]
     assert (cfg.minutes, cfg.snapshots, cfg.upright, cfg.objects, cfg.train_args) == \
         (2.5, [1.0, 2.0], True, "1", {"batch_size": 4})
+    assert (cfg.preset, cfg.model, cfg.eta, cfg.sample_steps) == ("s3-120", "tiny-s3", 1.0, 100)
+    assert (seen[1].preset, seen[1].model, seen[1].minutes, seen[1].eta) == ("tiny-30", "tiny", 30.0, 0.5)

@@ -1,4 +1,4 @@
-"""Helpers for tests and benchmarks: a diffusers SD 1.5-format folder with tiny random weights,
+"""Test helpers: a diffusers SD 1.5-format folder with tiny random weights,
 and perturbation of the zero-initialised modules (so tests can see what they do)."""
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 #!/bin/bash
 # The fidelity benchmark's recipe on one GPU, several variants trained at once, each for $MIN wall
 # minutes, then scored twice (DDIM eta 0 with 25 steps, as the benchmark; eta 1 with 50 steps).
-# BENCHMARKS.md "Session 5: the recipe on a GPU" and "Session 6". Logs: $OUT/log.txt; per run $OUT/<run>.{train,eta1}.log,
+# docs/research/fidelity.md (GPU runs). Logs: $OUT/log.txt; per run $OUT/<run>.{train,eta1}.log,
 # the reports $OUT/<run>.md and <run>.eta1.md, and $OUT/<run>.tgz (fidelity.json, grids, loss plot, CSV).
 #
 # Carried to a bare GPU machine (python3 with torch, numpy, scipy, PIL, cv2, yaml) in .gpu/ (git-ignored: carry it):
 #   .gpu/whl/      python3 -m pip download -d .gpu/whl --no-deps --only-binary=:all: --python-version 3.12 \
 #                    --platform manylinux2014_x86_64 diffusers==0.39.0 huggingface_hub==0.36.2 \
 #                    webdataset==1.0.2 braceexpand transformers==4.57.6 tokenizers==0.22.2 importlib_metadata
-#   .gpu/fiddata.tgz   tar czf .gpu/fiddata.tgz -C runs/fidelity data   (the benchmark's 20,000 scenes)
+#   .gpu/fiddata.tgz   tar czf .gpu/fiddata.tgz -C runs/fidelity data   (the 20,000 scenes bench.fidelity wrote)
 # DRY=1 runs the same steps on a CPU with tiny budgets (to check the script itself).
 set -u
 PY=${PY:-python3}
@@ -34,13 +34,13 @@ el "data: $(ls "$W"/data/shards | wc -l) shards; runs of $MIN minutes on $DEV"
 
 run() {  # run NAME TRAIN-ARGS...: train + score (eta 0), then score again with eta 1
   local name=$1; shift
-  local args=(--data "$W/data" --device $DEV --threads 1 $EXTRA --train-arg use_gpu=$GPU
+  local args=(--preset tiny-30 --data "$W/data" --device $DEV --threads 1 $EXTRA --train-arg use_gpu=$GPU
               --train-arg budget_clock=wall --train-arg loader_workers=$LW
               --train-arg sample_every=2000 --train-arg ckpt_every=2000)
   for a in "$@"; do args+=(--train-arg "$a"); done
-  $PY -m model.fidelity --out "$W/$name" --minutes "$MIN" "${args[@]}" > "$OUT/$name.train.log" 2>&1
+  $PY -m bench.fidelity --out "$W/$name" --minutes "$MIN" "${args[@]}" > "$OUT/$name.train.log" 2>&1
   cp "$W/$name/fidelity.md" "$OUT/$name.md" 2>/dev/null
-  $PY -m model.fidelity --out "$W/$name" --skip-train --eta 1 --sample-steps 50 "${args[@]}" > "$OUT/$name.eta1.log" 2>&1
+  $PY -m bench.fidelity --out "$W/$name" --skip-train --eta 1 --sample-steps 50 "${args[@]}" > "$OUT/$name.eta1.log" 2>&1
   cp "$W/$name/fidelity.md" "$OUT/$name.eta1.md" 2>/dev/null
   # (few files come back from the machine: the grids, loss plot and CSV travel as one archive)
   tar czf "$OUT/$name.tgz" -C "$W/$name" fidelity.json loss.png samples-seen.png samples-held_out.png train/train_log.csv 2>/dev/null

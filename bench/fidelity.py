@@ -1,11 +1,17 @@
-"""Fidelity benchmark: train the tiny config on synthetic coloured-shape scenes for a fixed CPU
-budget, then sample seen and held-out (colour, shape) combinations and score the layers.
+"""Fidelity benchmark: train a recipe on synthetic coloured-shape scenes for a fixed CPU budget,
+then sample seen and held-out (colour, shape) combinations and score the layers.
 
-    python -m model.fidelity --minutes 30 --out runs/fidelity
+    python -m bench.fidelity --out runs/fidelity                   # the s3-120 preset (120 CPU-minutes)
+    python -m bench.fidelity --preset tiny-30 --out runs/tiny30      # the tiny preset, 30 CPU-minutes
+
+A preset (``PRESETS``) names a model recipe, its training budget and the sampler it is scored
+with; ``--minutes``, ``--eta``, ``--sample-steps`` and ``--model`` override it. ``s3-120`` is the
+regression benchmark: the recipe that met every bar at 120 CPU-minutes (BENCHMARKS.md).
 
 1. Shards: ``datagen.scenes.make_scene`` at the model's resolution, the held-out combinations
-   (``split_combos``) excluded, written in the layered format (``OUT/data``, with manifest.json).
-2. Train ``model.train`` in-process for ``--minutes`` (the LR schedule is fitted to the budget).
+   (``split_combos``) excluded, through the product's synthetic-gt stages (truth backends,
+   assemble) and shard writer (``OUT/data``; ``python -m manifests validate OUT/data`` checks it).
+2. Train ``model.train`` in-process for ``minutes`` (the LR schedule is fitted to the budget).
 3. Sample the prompts of unseen scenes (seeds apart from the training ones) whose objects are
    all seen, or all held-out, combinations; score every layer:
 
@@ -20,14 +26,12 @@ budget, then sample seen and held-out (colour, shape) combinations and score the
    - leak: composite pixels outside a layer's mask that have its prompted colour (a ghost of the
      object in the background layer), per pixel of the object.
 
-   The same scores on the true layers of the same scenes give the ceiling of the measures
-   (``classify_shape`` itself is ~93% right on true 32 px masks).
+   The same scores on the true layers of the same scenes give the ceiling of the measures.
 
 Writes ``OUT/fidelity.json``, ``OUT/fidelity.md`` (colour and shape by objects per scene, and by
 prompted shape with what the classifier called each layer; the machine and the budget's CPU seconds a
-step), ``OUT/loss.png`` and sample grids.
-``--snapshots 30 60`` also scores the model as it was after 30 and 60 training minutes of the same
-run (on the same scenes; the LR schedule is the one fitted to ``--minutes``): a learning curve.
+step), ``OUT/loss.png`` and sample grids. ``--snapshots 30 60`` also scores the model as it was
+after 30 and 60 training minutes of the same run (on the same scenes): a learning curve.
 """
 
 from __future__ import annotations
@@ -35,10 +39,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import io
 import json
 import sys
-import tarfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -49,20 +51,41 @@ from typing import Any
 import numpy as np
 import torch
 
-from datagen.format import DATASET_SCHEMA, SAMPLE_SCHEMA, SHARD_SCHEMA, LayerSample, psnr
+from bench.machine import describe_machine, machine_line
+from datagen.config import RUN_KEYS, PipelineConfig, load_config
+from datagen.format import LayerSample
+from datagen.item import Item
+from datagen.registry import STAGES
+from datagen.writer import write_index, write_shard
 from model.data import fill_outside, split_layers, to_example
-from model.machine import describe_machine, machine_line
+from model.sampling import StepHook
 
 BARS = {"fg_colour": (">=", 0.9), "shape": (">=", 0.8), "background": (">=", 0.95),
         "binarity": (">=", 0.95), "outside_mask": ("<=", 0.05)}
 HELDOUT_GAP = 0.1
 EVAL_SEED0 = 1_000_000  # evaluation scenes: seeds far from the training ones
+SYNTHETIC_PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "synthetic-gt.yaml"
+
+# Named presets: model recipe (model.configuration), training budget in CPU-minutes, sampler.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The regression benchmark: every bar met (shape 0.81 / 0.87) at 120 CPU-minutes with eta 1, 100 steps.
+    "s3-120": {"model": "tiny-s3", "minutes": 120.0, "eta": 1.0, "sample_steps": 100},
+    # The tiny preset at 30 CPU-minutes, DDIM 25: every bar but shape (0.28 / 0.44).
+    "tiny-30": {"model": "tiny", "minutes": 30.0, "eta": 0.0, "sample_steps": 25},
+}
 
 
 @dataclass
 class FidelityConfig:
+    """One benchmark run. ``model``, ``minutes``, ``eta`` and ``sample_steps`` left None take the
+    ``preset``'s values."""
+
     out: str = "runs/fidelity"
-    minutes: float = 30.0  # training budget: CPU time of the training process (one thread)
+    preset: str = "s3-120"
+    model: str | None = None  # model.configuration preset trained (tiny, tiny-s3, ...)
+    minutes: float | None = None  # training budget: CPU time of the training process (one thread)
+    eta: float | None = None  # DDIM noise: 0 deterministic, 1 DDPM-like
+    sample_steps: int | None = None
     train_scenes: int = 20_000
     shard_size: int = 2_000
     eval_scenes: int = 64  # per split (seen, held-out)
@@ -72,12 +95,10 @@ class FidelityConfig:
     # classifier is right on 82% of true masks); at 1.5x it is right on 97%.
     object_scale: float = 1.5
     # Every shape in one fixed rotation (datagen.scenes.UPRIGHT_ANGLES) instead of a random one: a
-    # diagnostic (BENCHMARKS.md), not the benchmark.
+    # diagnostic, not the benchmark.
     upright: bool = False
     seed: int = 0
     guidance_scale: float = 3.0
-    sample_steps: int = 25
-    eta: float = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like
     eval_batch: int = 32
     threads: int = 1
     device: str = "cpu"  # where the evaluation samples: cpu | cuda (training's device is its use_gpu)
@@ -86,9 +107,14 @@ class FidelityConfig:
     # Also score the model as it was after these training minutes of the same run (model.train's
     # snapshot_minutes; the LR schedule is still the one fitted to ``minutes``): a learning curve.
     snapshots: list[float] = field(default_factory=list)
-    # model.train options over its defaults (the recipe: model.train's defaults and the tiny preset,
-    # chosen on 8-CPU-minute pilots, BENCHMARKS.md "Training")
-    train_args: dict[str, Any] = field(default_factory=dict)
+    train_args: dict[str, Any] = field(default_factory=dict)  # model.train options over its defaults
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown fidelity preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        for key, value in PRESETS[self.preset].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
     @property
     def scene_args(self) -> dict[str, Any]:
@@ -97,59 +123,60 @@ class FidelityConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# synthetic shards
+# scenes through the product's synthetic-gt path
 
 
-def scene_sample(scene: Any, key: str) -> LayerSample:
-    """A ``datagen.scenes.Scene`` as a format-conforming LayerSample."""
-    h, w = scene.image.shape[:2]
-    layers = []
-    for n, mask in enumerate(scene.masks):
-        ys, xs = np.nonzero(mask)
-        box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1] if len(xs) else [0, 0, 0, 0]
-        layers.append({"index": n, "phrase": scene.phrases[n], "caption": scene.layer_captions[n], "box": box,
-                       "score": 1.0, "area": int((mask > 0).sum())})
-    sample = LayerSample(key=key, image=scene.image, background=scene.background,
-                         foregrounds=list(scene.foregrounds), masks=list(scene.masks), caption=scene.caption)
-    sample.meta = {"schema": SAMPLE_SCHEMA, "key": key, "width": w, "height": h, "caption": scene.caption,
-                   "background": {"caption": scene.background_caption}, "layers": layers,
-                   "source": {"kind": "synthetic-gt", "seed": scene.seed},
-                   "quality": {"recon_psnr": round(psnr(sample.recompose(), scene.image), 2)}}
-    return sample
+def scene_pipeline(size: int, max_layers: int) -> PipelineConfig:
+    """The product's synthetic-gt pipeline (pipelines/synthetic-gt.yaml) at ``size`` px."""
+    return load_config(SYNTHETIC_PIPELINE, {"image": {"size": size}, "max_layers": max_layers})
+
+
+def assemble_scenes(pipeline: PipelineConfig, scenes: Sequence[Any], shard: int = 0) -> list[Item]:
+    """Scenes as ``datagen run`` stores them: each scene's true layers through the pipeline's stages
+    after decoding (the scene is the decoded image); accepted items carry their tar ``members``."""
+    items = [Item(key=f"scene-{scene.seed:08d}", shard=shard, index=i, uri=f"scene-gt:{scene.seed}",
+                  source={"kind": "scene-gt", "seed": scene.seed}, image=scene.image, caption=scene.caption,
+                  sha256=hashlib.sha256(scene.image.tobytes()).hexdigest(), truth=scene)
+             for i, scene in enumerate(scenes)]
+    for stage in STAGES[1:]:
+        pipeline.build_stage(stage).run_items(items)
+    return items
+
+
+def scene_samples(scenes: Sequence[Any], size: int, max_layers: int) -> list[LayerSample]:
+    """The stored form of each scene, read back (``LayerSample.from_members``)."""
+    items = assemble_scenes(scene_pipeline(size, max_layers), scenes)
+    bad = [it.rejected or it.key for it, scene in zip(items, scenes, strict=True)
+           if not it.ok or it.num_layers != len(scene.masks)]
+    if bad:  # the scores pair layer n with the scene's object n: every object must be stored
+        raise ValueError(f"{len(bad)} scene(s) not stored whole by the synthetic-gt stages, e.g. {bad[0]}")
+    return [LayerSample.from_members(it.key, it.members) for it in items]
 
 
 def write_scene_shards(out: Path, seeds: Sequence[int], size: int, exclude: Sequence[tuple[str, str]],
-                       shard_size: int, n_objects: tuple[int, int] = (1, 3), **scene_args: Any) -> Path:
-    """Scenes of ``seeds`` as OUT/shards/*.tar + OUT/manifests/*.json + OUT/manifest.json;
-    ``scene_args`` go to ``make_scene`` (``FidelityConfig.scene_args``) and into the manifest."""
+                       shard_size: int, n_objects: tuple[int, int] = (1, 3), max_layers: int = 3,
+                       **scene_args: Any) -> Path:
+    """Scenes of ``seeds`` as a dataset folder (OUT/shards, OUT/manifests, OUT/manifest.json) written
+    by ``datagen.writer``; ``scene_args`` go to ``make_scene`` and, with the held-out combinations and
+    objects per scene, into the index's ``config.scenes`` and its ``config_sha256``."""
     from datagen.scenes import make_scene
 
     (out / "shards").mkdir(parents=True, exist_ok=True)
     (out / "manifests").mkdir(parents=True, exist_ok=True)
-    entries = []
+    pipeline = scene_pipeline(size, max_layers)
+    scenes_doc = {"seeds": [int(seeds[0]), int(seeds[-1])] if len(seeds) else [],
+                  "excluded_combos": [list(c) for c in exclude], "objects": list(n_objects), **scene_args}
+    config = {**pipeline.to_dict(), "output": str(out), "shards": -(-len(seeds) // shard_size),
+              "samples_per_shard": shard_size, "scenes": scenes_doc}
+    sha = hashlib.sha256(json.dumps({k: v for k, v in config.items() if k not in RUN_KEYS},
+                                    sort_keys=True).encode()).hexdigest()
+    stages = pipeline.stage_identities()
     for s, start in enumerate(range(0, len(seeds), shard_size)):
-        tar_path = out / "shards" / f"{s:06d}.tar"
-        tmp = tar_path.with_name(f".{tar_path.name}.tmp")
-        count = 0
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for seed in seeds[start:start + shard_size]:
-                scene = make_scene(int(seed), size, n_objects=n_objects, exclude=exclude, **scene_args)
-                key = f"scene-{int(seed):08d}"
-                for suffix, data in scene_sample(scene, key).to_members().items():
-                    info = tarfile.TarInfo(f"{key}.{suffix}")
-                    info.size, info.mtime = len(data), 0
-                    tar.addfile(info, io.BytesIO(data))
-                count += 1
-        tmp.replace(tar_path)
-        data = tar_path.read_bytes()
-        entry = {"shard": s, "samples": count, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        (out / "manifests" / f"{s:06d}.json").write_text(json.dumps({"schema": SHARD_SCHEMA, **entry}) + "\n")
-        entries.append(entry)
-    index = {"schema": DATASET_SCHEMA, "config": {"source": "synthetic-gt (model.fidelity)", "size": size,
-                                                  "excluded_combos": [list(c) for c in exclude],
-                                                  "objects": list(n_objects), **scene_args},
-             "shards": entries, "totals": {"samples": sum(e["samples"] for e in entries)}}
-    (out / "manifest.json").write_text(json.dumps(index, indent=1) + "\n")
+        t0 = time.time()
+        scenes = [make_scene(int(seed), size, n_objects=n_objects, exclude=exclude, **scene_args)
+                  for seed in seeds[start:start + shard_size]]
+        write_shard(out, s, assemble_scenes(pipeline, scenes, s), sha, stages, time.time() - t0)
+    write_index(out, config, sha)
     return out
 
 
@@ -159,12 +186,12 @@ def write_scene_shards(out: Path, seeds: Sequence[int], size: int, exclude: Sequ
 
 def background_colour(bg: np.ndarray, candidates: Sequence[str]) -> str:
     """The candidate whose two background tones (datagen.scenes) the (H, W, 3) uint8 pixels lie nearest."""
-    from datagen.scenes import _background_tones
+    from datagen.scenes import background_tones
 
     pixels = bg.reshape(-1, 3).astype(np.float64)
     best, best_d = candidates[0], float("inf")
     for name in candidates:
-        a, b = _background_tones(name)
+        a, b = background_tones(name)
         ab = b - a
         t = np.clip((pixels - a) @ ab / max(float(ab @ ab), 1e-9), 0, 1)
         d = float(np.linalg.norm(pixels - (a + t[:, None] * ab), axis=1).mean())
@@ -244,24 +271,32 @@ def eval_scenes(combos: Sequence[tuple[str, str]], n: int, size: int, n_objects:
             for i in range(n)]
 
 
+def eval_splits(cfg: FidelityConfig, size: int) -> dict[str, list[Any]]:
+    """The evaluation scenes: ``cfg.eval_scenes`` of seen and of held-out combinations, seeded apart
+    from the training scenes and from each other."""
+    from datagen.scenes import split_combos
+
+    seen, held = split_combos(cfg.holdout_fraction, seed=cfg.seed)
+    n_objects = parse_objects(cfg.objects)
+    return {name: eval_scenes(combos, cfg.eval_scenes, size, n_objects, seed0, **cfg.scene_args)
+            for name, combos, seed0 in (("seen", seen, EVAL_SEED0), ("held_out", held, 2 * EVAL_SEED0))}
+
+
 def check_scene_shards(data: Path, cfg: FidelityConfig, held: Sequence[tuple[str, str]]) -> None:
     """Fail before training when existing shards (``--data``) were written for other scenes than
     ``cfg`` evaluates on (object scale, upright, objects per scene, held-out combinations): the
-    scores would silently measure a mismatch. A scene option a manifest lacks is ``make_scene``'s default."""
-    import inspect
-
-    from datagen.scenes import make_scene
-
-    written = json.loads((data / "manifest.json").read_text()).get("config", {})
-    # shards from before a make_scene option existed were written at its default
-    defaults = {k: p.default for k, p in inspect.signature(make_scene).parameters.items()}
+    scores would silently measure a mismatch."""
+    written = json.loads((data / "manifest.json").read_text()).get("config", {}).get("scenes")
+    if written is None:
+        raise ValueError(f"{data}/manifest.json records no benchmark scenes (config.scenes): not written by "
+                         f"bench.fidelity; leave out --data to write the benchmark's shards")
     wanted = {**cfg.scene_args, "objects": list(parse_objects(cfg.objects)),
               "excluded_combos": sorted(list(c) for c in held)}
     for key, value in wanted.items():
-        have = written.get(key, defaults.get(key))
+        have = written.get(key)
         if key == "excluded_combos" and have is not None:
             have = sorted(list(c) for c in have)
-        if have is not None and have != value:
+        if have != value:
             raise ValueError(f"{data}/manifest.json: shards written with {key}={have!r}, the benchmark "
                              f"asks for {key}={value!r} (a --data folder of other scenes)")
 
@@ -273,13 +308,15 @@ def parse_objects(text: str) -> tuple[int, int]:
 
 
 def evaluate(model: Any, scenes: Sequence[Any], cfg: FidelityConfig, fg_fill: str,
-             grid_path: Path | None = None) -> tuple[dict[str, float], dict[str, float]]:
-    """(model scores, ground-truth scores) over ``scenes``; writes a grid of the first samples."""
+             grid_path: Path | None = None, step_hook: StepHook | None = None
+             ) -> tuple[dict[str, float], dict[str, float]]:
+    """(model scores, ground-truth scores) over ``scenes``, sampled with ``cfg``'s sampler (and
+    ``step_hook``, e.g. self-mask guidance); writes a grid of the first samples to ``grid_path``."""
     from model.sampling import ddim_sample
     from model.trainlog import save_grid
 
     res, k_max = model.config.resolution, model.config.max_layers
-    examples = [to_example(scene_sample(s, f"eval-{s.seed}"), res, k_max, fg_fill) for s in scenes]
+    examples = [to_example(s, res, k_max, fg_fill) for s in scene_samples(scenes, res, k_max)]
     generator = torch.Generator().manual_seed(cfg.seed + 777)
     records, truth = [], []
     for start in range(0, len(examples), cfg.eval_batch):
@@ -288,7 +325,7 @@ def evaluate(model: Any, scenes: Sequence[Any], cfg: FidelityConfig, fg_fill: st
         with torch.no_grad():
             layers = ddim_sample(model, [e["prompt"] for e in chunk], [e["layer_prompts"] for e in chunk], present,
                                  num_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, generator=generator,
-                                 eta=cfg.eta).float().cpu()
+                                 eta=cfg.eta, step_hook=step_hook).float().cpu()
         for i, ex in enumerate(chunk):
             scene = scenes[start + i]
             records.append(score_sample(layers[i], ex["present"], scene, fg_fill))
@@ -341,7 +378,7 @@ def verdict(seen: dict[str, float], held: dict[str, float]) -> dict[str, bool]:
 def run(cfg: FidelityConfig) -> dict[str, Any]:
     """Generate data, train for the budget, evaluate; returns (and writes) the report."""
     from datagen.scenes import split_combos
-    from model import LayerDiffModel
+    from model import LayerDiffModel, get_config
     from model.train import TrainConfig, train
 
     torch.set_num_threads(cfg.threads)
@@ -350,7 +387,7 @@ def run(cfg: FidelityConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     seen, held = split_combos(cfg.holdout_fraction, seed=cfg.seed)
     train_cfg = TrainConfig(**{
-        "out": str(out / "train"), "model": "tiny", "num_workers": 0, "max_steps": 1_000_000,
+        "out": str(out / "train"), "model": cfg.model, "num_workers": 0, "max_steps": 1_000_000,
         "max_minutes": cfg.minutes, "budget_clock": "cpu", "ckpt_every": 500, "sample_every": 1000,
         "threads": cfg.threads, "seed": cfg.seed, "progress": False, "snapshot_minutes": list(cfg.snapshots),
         **cfg.train_args})
@@ -361,9 +398,9 @@ def run(cfg: FidelityConfig) -> dict[str, Any]:
     data = Path(cfg.data) if cfg.data else out / "data"
     if not (data / "manifest.json").exists():
         t0 = time.time()
-        resolution = train_cfg.model_args.get("resolution", 32)
-        write_scene_shards(data, list(range(cfg.train_scenes)), resolution, held, cfg.shard_size,
-                           parse_objects(cfg.objects), **cfg.scene_args)
+        model_cfg = get_config(cfg.model, **train_cfg.model_args)
+        write_scene_shards(data, list(range(cfg.train_scenes)), model_cfg.resolution, held, cfg.shard_size,
+                           parse_objects(cfg.objects), model_cfg.max_layers, **cfg.scene_args)
         report["data_seconds"] = round(time.time() - t0, 1)
         print(f"wrote {cfg.train_scenes} scenes to {data} in {report['data_seconds']} s", file=sys.stderr)
     check_scene_shards(data, cfg, held)
@@ -381,8 +418,7 @@ def run(cfg: FidelityConfig) -> dict[str, Any]:
     model = LayerDiffModel.from_pretrained(out / "train" / "model").eval().to(cfg.device)
     res = model.config.resolution
     t0 = time.time()
-    scenes = {name: eval_scenes(combos, cfg.eval_scenes, res, parse_objects(cfg.objects), seed0, **cfg.scene_args)
-              for name, combos, seed0 in (("seen", seen, EVAL_SEED0), ("held_out", held, 2 * EVAL_SEED0))}
+    scenes = eval_splits(cfg, res)
     for name, split in scenes.items():
         report[name], report[f"{name}_truth"] = evaluate(model, split, cfg, train_cfg.fg_fill,
                                                          out / f"samples-{name}.png")
@@ -453,12 +489,16 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     from model.train import add_field_flag
 
-    parser = argparse.ArgumentParser(prog="python -m model.fidelity", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m bench.fidelity", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = FidelityConfig()
     for f in dataclasses.fields(FidelityConfig):
         flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
-        if f.name == "train_args":
+        if f.name == "preset":
+            parser.add_argument(flag, choices=sorted(PRESETS), default=default)
+        elif f.name in PRESETS[defaults.preset]:  # None: the chosen preset's value
+            parser.add_argument(flag, type=type(default), default=None, help="default: the preset's")
+        elif f.name == "train_args":
             parser.add_argument("--train-arg", dest="train_args", action="append", default=[], metavar="KEY=VALUE",
                                 help="model.train option (JSON value) over its defaults, e.g. batch_size=32")
         else:

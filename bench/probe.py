@@ -1,7 +1,7 @@
 """Shape probe: at which noise level does a trained model decide a layer's shape, and does the
 prompt decide it?
 
-    python -m model.probe MODEL_DIR [--scenes 48] [--out probe.png]
+    python -m bench.probe MODEL_DIR [--scenes 48] [--out probe.png]
 
 On single-object scenes of the fidelity benchmark (seen combinations), for each timestep t:
 
@@ -15,7 +15,7 @@ On single-object scenes of the fidelity benchmark (seen combinations), for each 
 Then it samples the same prompts (DDIM, CFG ``--guidance``) and records the shape class of the
 mask's x0 estimate at every step (``trajectory``), with a PNG of the estimates (rows: steps,
 columns: scenes, the true mask last). The fidelity benchmark's shape failures are read off here
-(BENCHMARKS.md, "Why shape fails").
+(docs/research/fidelity.md).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.fidelity import EVAL_SEED0, FidelityConfig, eval_scenes, scene_samples
 from model.data import to_example
-from model.fidelity import EVAL_SEED0, FidelityConfig, eval_scenes, scene_sample
 
 PROBE_TIMESTEPS = (999, 950, 900, 850, 800, 700, 600, 400, 200)
 
@@ -57,7 +57,7 @@ def probe(model: Any, n_scenes: int = 48, timesteps: tuple[int, ...] = PROBE_TIM
     seen, _ = split_combos(cfg.holdout_fraction, seed=cfg.seed)
     res, k = model.config.resolution, model.config.max_layers
     scenes = eval_scenes(seen, n_scenes, res, (1, 1), EVAL_SEED0, **cfg.scene_args)
-    examples = [to_example(scene_sample(s, f"probe-{s.seed}"), res, k, fg_fill) for s in scenes]
+    examples = [to_example(s, res, k, fg_fill) for s in scene_samples(scenes, res, k)]
     shapes = [s.shapes[0] for s in scenes]
     others = [SHAPES[(SHAPES.index(s) + len(SHAPES) // 2) % len(SHAPES)] for s in shapes]
     layers = torch.stack([e["layers"] for e in examples])
@@ -75,7 +75,8 @@ def probe(model: Any, n_scenes: int = 48, timesteps: tuple[int, ...] = PROBE_TIM
         tt = torch.full((len(examples),), t, dtype=torch.long)
         x_t = model.add_noise(x0, noise, tt) * keep
         out = model.predict(x_t, tt, context, present).float()
-        return model.clip_x0(model.predict_x0_eps(x_t, out, model._alpha(tt, x_t.ndim))[0])
+        alpha = torch.tensor(float(model.alphas_cumprod[t]), dtype=torch.float32)
+        return model.clip_x0(model.predict_x0_eps(x_t, out, alpha)[0])
 
     context = model.encode_prompts(prompts, layer_prompts)
     context_swapped = model.encode_prompts(swapped_prompts, swapped)
@@ -120,7 +121,7 @@ def save_strip(report: dict[str, Any], model: Any, path: Path, columns: int = 12
 def main(argv: list[str] | None = None) -> int:
     from model import LayerDiffModel
 
-    parser = argparse.ArgumentParser(prog="python -m model.probe", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.probe", description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir")
     parser.add_argument("--scenes", type=int, default=48)
     parser.add_argument("--guidance", type=float, default=3.0)
