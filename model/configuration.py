@@ -16,6 +16,15 @@ from typing import Any
 
 CONFIG_NAME = "layerdiff_config.json"
 PREDICTION_TYPES = ("v_prediction", "epsilon", "sample")  # "sample": the UNet predicts x0
+# Training options measured as no gain on the fidelity benchmark and removed (docs/research/fidelity.md),
+# with the value that left them off (saved configs carry them all), and the settings only those options read.
+REMOVED_OPTIONS: dict[str, Any] = {
+    "coord_channels": False, "mask_encoding": "binary", "snr_per_role": False, "mask_edge_weight": 0.0,
+    "timestep_bias": 1.0, "timestep_logit_normal": [], "self_conditioning": False, "input_perturbation": 0.0,
+    "mask_corruption": 0.0, "mask_binarity_weight": 0.0, "mask_logits": False, "zero_init_residuals": False,
+}
+REMOVED_SETTINGS = ("mask_distance_width", "mask_corruption_blur", "mask_corruption_warp", "mask_corruption_min_t",
+                    "mask_binarity_max_t")
 
 
 @dataclass
@@ -28,11 +37,6 @@ class LayerDiffConfig:
     pixel_space: bool = True  # True: no VAE, a "latent" is the [-1, 1] image itself
     pretrained_path: str | None = None  # local diffusers SD 1.5 folder (sd15 only); provenance once saved
     patch_size: int = 1  # space-to-depth stem of the UNet (the diffusion still runs on whole layers)
-    # The UNet also gets two coordinate channels (x, y in [-1, 1]; CoordConv, Liu et al. 2018), so
-    # attention could average where an object's pixels are and each pixel tell its offset from it.
-    # Tried against the fidelity benchmark's shape failure; it did not help (BENCHMARKS.md).
-    coord_channels: bool = False
-
     # Objective and noise schedule (the schedule is stored as a diffusers DDPMScheduler config).
     prediction_type: str = "v_prediction"
     num_train_timesteps: int = 1000
@@ -47,64 +51,13 @@ class LayerDiffConfig:
     # Input scaling (Chen 2023, "On the importance of noise scheduling"): each role's latents are
     # multiplied by this before noising, so b < 1 divides that role's SNR by 1/b^2 at every step. A
     # binary mask is so redundant that its shape is settled in the first few (noisiest) steps;
-    # scaled down, it is settled over more of the schedule.
+    # scaled down, it is settled over more of the schedule (the tiny-s3 recipe: masks at 0.3).
     role_input_scale: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
-    # How a pixel-space model represents masks: "binary" (-1 / +1, as stored) or "distance" (a
-    # signed distance to the boundary, / mask_distance_width px and clipped; decoded by its sign).
-    mask_encoding: str = "binary"
-    mask_distance_width: float = 3.0
     # > 0: weigh each step's error in x0 space by min(SNR + 1, gamma) (eps: min(SNR, gamma)); for v this
     # caps the low-noise steps (Min-SNR, Hang et al. 2023, with SNR + 1 so pure noise keeps weight 1),
     # for x0 ("sample") it raises them from 1 towards gamma.
     snr_gamma: float = 0.0
-    # True: the SNR in that weight is each role's own (image SNR x role_input_scale^2), so a mask
-    # scaled down is capped where *its* SNR is high, not where the image's is (same as False at scale 1).
-    snr_per_role: bool = False
-    # > 0: mask-slot pixels within one pixel of the true boundary weigh 1 + this (a shape is its edge).
-    mask_edge_weight: float = 0.0
-    # Training timesteps drawn as T * u^(1 / bias): 1 = uniform; > 1 = more of the noisy steps, where
-    # a layer's layout and shape are decided.
-    timestep_bias: float = 1.0
-    # [mean, std]: draw t / T = sigmoid(mean + std * n), n ~ N(0, 1) instead (the logit-normal
-    # density of Esser et al. 2024, SD3): most steps in the middle of the schedule, mean > 0 noisier.
-    timestep_logit_normal: list[float] = field(default_factory=list)
-    # Self-conditioning (Chen et al. 2022, "Analog Bits"): the UNet also sees its previous x0 estimate
-    # (the UNet takes twice the latent channels); trained on half of the batches, used at every step.
-    self_conditioning: bool = False
-    # > 0: train on inputs noised with noise + this * fresh noise, the target unchanged (input
-    # perturbation, Ning et al. 2023): at sampling the inputs are the model's own, less exact than
-    # the training inputs (exposure bias); a noisier input teaches it to lean on the prompt.
-    input_perturbation: float = 0.0
-    # > 0: this share of training mask slots is noised from an imprecise copy of the mask (warped by
-    # mask_corruption_warp px, blurred by a sigma in mask_corruption_blur px, re-thresholded:
-    # model.layers.corrupt_masks) while the target stays the true mask. Sampling, the early steps
-    # leave a rounded blob and the later ones only sharpen what they see; this teaches them to
-    # restore the outline the prompt names from such a blob. x0-prediction in pixel space only.
-    mask_corruption: float = 0.0
-    mask_corruption_blur: list[float] = field(default_factory=lambda: [0.5, 1.5])
-    mask_corruption_warp: float = 0.0
-    # Only at timesteps >= this: the last steps stay plain denoisers (they keep the masks binary).
-    mask_corruption_min_t: int = 0
-    # > 0: a mask slot's x0 estimate pays this times its mean distance from the nearer of -1 / +1
-    # (pixel units), at timesteps < mask_binarity_max_t. Where an input leaves the outline
-    # ambiguous (noise, or mask_corruption's imprecise copies), MSE alone answers the grey mean of
-    # the candidates; this term makes the last steps commit to one. Weight w moves an estimate
-    # w / 2 towards its nearer pole, so w >= 2 rounds every pixel. Binary pixel-space masks only.
-    mask_binarity_weight: float = 0.0
-    mask_binarity_max_t: int = 1000
-    # True: the UNet's output for a mask slot is a per-pixel logit l of "inside", its x0 estimate
-    # scale * tanh(l / 2) (= scale * (2 sigmoid(l) - 1)), trained with binary cross-entropy against the
-    # true mask instead of MSE: a mask is a per-pixel classification, and cross-entropy keeps a full
-    # gradient on confidently wrong outline pixels where MSE through a saturating output would not.
-    # Both are proper losses, so the estimate is still the posterior mean. x0-prediction, binary
-    # pixel-space masks only.
-    mask_logits: bool = False
     num_inference_steps: int = 25  # default DDIM steps (trailing spacing)
-    # A UNet built from scratch starts with each ResNet's second convolution, each transformer's
-    # output projection and the output convolution at zero (as ADM does, Dhariwal & Nichol 2021):
-    # every residual block starts as the identity. No effect on a loaded checkpoint.
-    zero_init_residuals: bool = False
-
     # Text.
     tokenizer_type: str = "words"  # "words" (built from model.vocabulary) or "clip" (base checkpoint)
     max_text_length: int = 32
@@ -137,39 +90,6 @@ class LayerDiffConfig:
         if len(self.role_input_scale) != 3 or min(self.role_input_scale) <= 0:
             raise ValueError(f"role_input_scale must be 3 scales > 0 (background, foreground, mask), "
                              f"got {self.role_input_scale}")
-        if self.mask_encoding not in ("binary", "distance"):
-            raise ValueError(f"mask_encoding {self.mask_encoding!r} not in ('binary', 'distance')")
-        if self.mask_encoding == "distance" and (not self.pixel_space or self.mask_distance_width <= 0):
-            raise ValueError("mask_encoding 'distance' needs pixel_space and mask_distance_width > 0")
-        if self.mask_edge_weight < 0 or self.timestep_bias <= 0:
-            raise ValueError(f"mask_edge_weight must be >= 0 and timestep_bias > 0, got "
-                             f"{self.mask_edge_weight}, {self.timestep_bias}")
-        if self.timestep_logit_normal and (len(self.timestep_logit_normal) != 2 or self.timestep_logit_normal[1] <= 0
-                                           or self.timestep_bias != 1.0):
-            raise ValueError(f"timestep_logit_normal must be [mean, std > 0] with timestep_bias 1, got "
-                             f"{self.timestep_logit_normal} (timestep_bias {self.timestep_bias})")
-        if not 0 <= self.mask_corruption <= 1 or len(self.mask_corruption_blur) != 2 \
-                or not 0 <= self.mask_corruption_blur[0] <= self.mask_corruption_blur[1] or self.mask_corruption_warp < 0 \
-                or not 0 <= self.mask_corruption_min_t < self.num_train_timesteps:
-            raise ValueError(f"mask_corruption must be in [0, 1], mask_corruption_blur [lo, hi] with 0 <= lo <= hi, "
-                             f"mask_corruption_warp >= 0 and mask_corruption_min_t in [0, T), got "
-                             f"{self.mask_corruption}, {self.mask_corruption_blur}, {self.mask_corruption_warp}, "
-                             f"{self.mask_corruption_min_t}")
-        if self.mask_corruption > 0 and (self.prediction_type != "sample" or not self.pixel_space):
-            raise ValueError("mask_corruption needs prediction_type 'sample' and pixel_space (its target is "
-                             "the true mask, not the noise of the corrupted input)")
-        if self.mask_binarity_weight < 0 or not 0 < self.mask_binarity_max_t <= self.num_train_timesteps:
-            raise ValueError(f"mask_binarity_weight must be >= 0 and mask_binarity_max_t in (0, T], got "
-                             f"{self.mask_binarity_weight}, {self.mask_binarity_max_t}")
-        if self.mask_binarity_weight > 0 and (not self.pixel_space or self.mask_encoding != "binary"):
-            raise ValueError("mask_binarity_weight needs pixel_space and mask_encoding 'binary' (it pulls "
-                             "mask estimates towards -1 / +1)")
-        if self.mask_logits and (self.prediction_type != "sample" or not self.pixel_space
-                                 or self.mask_encoding != "binary"):
-            raise ValueError("mask_logits needs prediction_type 'sample', pixel_space and mask_encoding "
-                             "'binary' (the mask slots' output is the logit of a binary x0)")
-        if self.input_perturbation < 0:
-            raise ValueError(f"input_perturbation must be >= 0, got {self.input_perturbation}")
         if self.snr_gamma < 0:
             raise ValueError(f"snr_gamma must be >= 0, got {self.snr_gamma}")
         if self.tokenizer_type not in ("words", "clip"):
@@ -185,11 +105,18 @@ class LayerDiffConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerDiffConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
+        """The config of a saved dict. A training option since removed (``REMOVED_OPTIONS``) is dropped
+        when it holds the value that left it off, and its settings (``REMOVED_SETTINGS``) always; an
+        option left on is an error naming it: the model was trained with a branch this code no longer has."""
+        data = {k: v for k, v in copy.deepcopy(data).items() if k not in REMOVED_SETTINGS}
+        for key, neutral in REMOVED_OPTIONS.items():
+            if key in data and data.pop(key) != neutral:
+                raise ValueError(f"LayerDiffConfig field {key!r} was removed (measured no gain, "
+                                 f"docs/research/fidelity.md); a model trained with it cannot be loaded")
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown LayerDiffConfig fields: {sorted(unknown)}")
-        return cls(**copy.deepcopy(data))
+        return cls(**data)
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / CONFIG_NAME
@@ -312,10 +239,7 @@ def tiny_config(**overrides: Any) -> LayerDiffConfig:
         unet=copy.deepcopy(TINY_UNET),
         text_encoder=copy.deepcopy(TINY_TEXT_ENCODER),
     )
-    config = base.replace(**overrides)
-    if "in_channels" not in overrides.get("unet", {}):
-        config = config.replace(unet={"in_channels": unet_in_channels(config, config.unet["out_channels"])})
-    return config
+    return base.replace(**overrides)
 
 
 def tiny_s3_config(**overrides: Any) -> LayerDiffConfig:
@@ -325,12 +249,6 @@ def tiny_s3_config(**overrides: Any) -> LayerDiffConfig:
     few steps; the narrower UNet runs 1.6x the steps a minute and learns outlines faster per step."""
     unet = {"block_out_channels": [16, 24, 32], **overrides.pop("unet", {})}
     return tiny_config(**{"name": "tiny-s3", "role_input_scale": [1.0, 1.0, 0.3], **overrides, "unet": unet})
-
-
-def unet_in_channels(config: LayerDiffConfig, channels: int) -> int:
-    """The UNet's input channels for ``channels`` per (patched) layer: x_t, the x0 estimate when
-    self-conditioning, the two coordinate channels when ``coord_channels``."""
-    return channels * (2 if config.self_conditioning else 1) + (2 if config.coord_channels else 0)
 
 
 def sd15_config(pretrained_path: str | None = None, **overrides: Any) -> LayerDiffConfig:

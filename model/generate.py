@@ -2,7 +2,7 @@
 
     python -m model.generate --prompt "a red circle and a blue square on a green background" \\
         [--layers "a blue square|a red circle"] [--model runs/tiny/model] [--out samples] [--seed 0] \\
-        [--num-images 2] [--steps 25] [--guidance-scale 3] [--guidance smg|cfg]
+        [--num-images 2] [--steps 25] [--guidance-scale 3] [--guidance cfg|smg]
     python -m model.generate --edit samples/sample-000 --edit-layer 1 --edit-prompt "a yellow square" \\
         [--keep-mask] --out samples/edited
     python -m model.generate --edit samples/sample-000 --restyle-layer bg \\
@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's)")
     p.add_argument("--guidance-scale", type=float, default=3.0)
-    p.add_argument("--guidance", choices=("smg", "cfg"), default="smg", help="self-mask guidance or plain CFG")
+    p.add_argument("--guidance", choices=("cfg", "smg"), default="cfg",
+                   help="plain CFG, or self-mask guidance (less ghosting at high guidance scales, model/README)")
     p.add_argument("--smg-outside-scale", type=float, default=1.0,
                    help="SMG: CFG scale where a layer is hidden (fg outside its mask, bg under the fgs)")
     p.add_argument("--eta", type=float, default=0.0)

@@ -32,14 +32,14 @@ from model.sampling import SamplerStep, StepHook
 def mask_alphas(model: LayerDiffModel, x0: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """Soft alphas (B, K_max, 1, h, w) in [0, 1] of the mask slots of an x0 estimate (latent grid).
 
-    Pixel-space models decode their mask slots in place (input scale, mask encoding); latent models
+    Pixel-space models decode their mask slots in place (undoing the input scale); latent models
     decode them through the VAE and average-pool the alphas back to the latent grid. Absent
     foregrounds get alpha 0.
     """
     k = model.config.max_layers
     masks = x0[:, 1 + k:]
     keep = present[:, 1 + k:].to(x0.dtype)[..., None, None, None]
-    if model.config.pixel_space:  # same grid: undo the input scale and the mask encoding
+    if model.config.pixel_space:  # same grid: undo the input scale
         masks = model.decode_layers(x0, present)[:, 1 + k:]
     else:
         full = torch.zeros_like(x0[:, :1]).expand(-1, x0.shape[1], -1, -1, -1).clone()

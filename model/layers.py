@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from datagen.format import compose_layers
 
@@ -150,72 +149,3 @@ def compose_uint8(layers: torch.Tensor, present: torch.Tensor) -> np.ndarray:
     masks = hard[1 + max_layers :]
     hard[1 + max_layers :] = torch.where(masks.mean(1, keepdim=True) > 0, 1.0, -1.0).expand_as(masks)
     return _to_uint8(compose(hard, present))
-
-
-def masks_to_distance(masks: torch.Tensor, width: float) -> torch.Tensor:
-    """Binary masks (..., H, W) in [-1, 1] -> clipped signed distance fields in [-1, 1].
-
-    A pixel's value is its distance to the boundary (between pixel centres: +0.5 for an inside pixel
-    next to an outside one, growing inwards; negative outside) divided by ``width`` and clipped.
-    Every pixel near an object then says how far it is from the edge, and in which direction: the
-    shape is spread over the field instead of sitting in the boundary pixels alone.
-    :func:`distance_to_masks` inverts it exactly.
-    """
-    from scipy import ndimage
-
-    inside = (masks.detach().float() > 0).cpu().numpy()
-    flat = inside.reshape(-1, *inside.shape[-2:])
-    out = np.empty(flat.shape, np.float32)
-    for i, m in enumerate(flat):
-        if m.all() or not m.any():  # no boundary: the field is flat
-            out[i] = 1.0 if m.all() else -1.0
-            continue
-        sdf = np.where(m, ndimage.distance_transform_edt(m) - 0.5, 0.5 - ndimage.distance_transform_edt(~m))
-        out[i] = np.clip(sdf / width, -1.0, 1.0)
-    return torch.from_numpy(out.reshape(inside.shape)).to(device=masks.device, dtype=masks.dtype)
-
-
-def distance_to_masks(field: torch.Tensor, width: float) -> torch.Tensor:
-    """Inverse of :func:`masks_to_distance` (differentiable): the field scaled so that +-0.5 px
-    from the boundary maps to +-1, clipped."""
-    return (field * (2.0 * width)).clamp(-1.0, 1.0)
-
-
-def corrupt_masks(masks: torch.Tensor, generator: torch.Generator | None = None,
-                  blur: tuple[float, float] = (0.5, 1.5), warp: float = 0.0,
-                  threshold: tuple[float, float] = (0.35, 0.65)) -> torch.Tensor:
-    """Binary masks (N, C, H, W) in [-1, 1] -> outlines of the same objects, imprecisely drawn.
-
-    Each mask is warped by a smooth random displacement (amplitude ``warp`` pixels: dents, bulges,
-    stretches), blurred by a Gaussian of sigma drawn from ``blur`` (pixels; rounds corners) and
-    thresholded at a level drawn from ``threshold`` (grows or shrinks it): the blob a sampler's
-    early steps leave, not the outline the prompt names. A mask that would vanish is kept as is.
-    """
-    n, c, h, w = masks.shape
-    device = masks.device
-    gen_device = generator.device if generator is not None else device
-
-    def uniform(lo: float, hi: float, size: tuple[int, ...]) -> torch.Tensor:
-        return (lo + (hi - lo) * torch.rand(size, generator=generator, device=gen_device)).to(device)
-
-    inside = (masks.float().mean(1, keepdim=True) > 0).float()  # (N, 1, H, W) in {0, 1}
-    x = inside
-    if warp > 0:  # a displacement field smooth over ~H/4 pixels
-        coarse = torch.randn((n, 2, 4, 4), generator=generator, device=gen_device).to(device)
-        field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False) * warp
-        ys, xs = torch.meshgrid(torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=device),
-                                torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=device), indexing="ij")
-        grid = torch.stack([xs, ys], dim=-1)[None] + field.permute(0, 2, 3, 1) * torch.tensor([2 / w, 2 / h],
-                                                                                          device=device)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    sigma = uniform(*blur, (n,))
-    radius = max(1, int(np.ceil(3 * blur[1])))
-    offsets = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (offsets[None] / sigma[:, None].clamp_min(1e-3)) ** 2)
-    kernel = kernel / kernel.sum(1, keepdim=True)  # (N, 2r + 1), one separable Gaussian per mask
-    x = F.pad(x.reshape(1, n, h, w), (radius, radius, radius, radius), mode="replicate")
-    x = F.conv2d(x, kernel[:, None, None, :], groups=n)
-    x = F.conv2d(x, kernel[:, None, :, None], groups=n).reshape(n, 1, h, w)
-    out = (x > uniform(*threshold, (n, 1, 1, 1))).float()
-    out = torch.where(out.flatten(1).any(1)[:, None, None, None], out, inside)
-    return (out * 2 - 1).expand(n, c, h, w).to(masks.dtype)

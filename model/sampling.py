@@ -96,19 +96,17 @@ def ddim_sample(model: LayerDiffModel, prompt: Sequence[str], layer_prompts: Seq
     alphas = model.alphas_cumprod.double().cpu()
     timesteps = trailing_timesteps(config.num_train_timesteps, num_steps)
 
-    x0_prev = None  # the previous step's x0, for a self-conditioned model
     for i, t in enumerate(timesteps):
         a = float(alphas[t])
         a_prev = float(alphas[timesteps[i + 1]]) if i + 1 < num_steps else 1.0
         t_batch = torch.full((b,), t, device=device, dtype=torch.long)
         if guided:
-            prev_2 = None if x0_prev is None else torch.cat([x0_prev, x0_prev])
             out = model.predict(torch.cat([x, x]).to(dtype), torch.cat([t_batch, t_batch]), context,
-                                present_2, prev_2).float()
+                                present_2).float()
             out_cond, out_uncond = out.chunk(2)
             out = out_uncond + guidance_scale * (out_cond - out_uncond)
         else:
-            out_cond = out = model.predict(x.to(dtype), t_batch, context, present, x0_prev).float()
+            out_cond = out = model.predict(x.to(dtype), t_batch, context, present).float()
             out_uncond = None
         alpha = torch.tensor(a, device=device)
         x0, eps = model.predict_x0_eps(x, out, alpha)
@@ -122,7 +120,6 @@ def ddim_sample(model: LayerDiffModel, prompt: Sequence[str], layer_prompts: Seq
             x0 = model.clip_x0(x0)
         if new_x0 is not None or clip_sample:
             eps = (x - a**0.5 * x0) / (1.0 - a) ** 0.5  # the noise direction consistent with x_t and x0
-        x0_prev = x0
         sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5 if eta > 0 else 0.0
         x = a_prev**0.5 * x0 + max(1.0 - a_prev - sigma**2, 0.0) ** 0.5 * eps
         if sigma > 0:

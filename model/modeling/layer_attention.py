@@ -131,15 +131,6 @@ class LayerAdapter(ModelMixin, ConfigMixin):
                    num_heads=num_heads, ff_mult=ff_mult)
 
 
-def coordinate_channels(x: torch.Tensor) -> torch.Tensor:
-    """(N, 2, h, w) of ``x``'s dtype and device: x and y of each pixel centre, in [-1, 1]."""
-    n, _, h, w = x.shape
-    ys = (torch.arange(h, device=x.device, dtype=x.dtype) + 0.5) * (2 / h) - 1
-    xs = (torch.arange(w, device=x.device, dtype=x.dtype) + 0.5) * (2 / w) - 1
-    grid = torch.stack([xs[None, :].expand(h, w), ys[:, None].expand(h, w)])
-    return grid[None].expand(n, -1, -1, -1)
-
-
 def transformer_blocks(unet: UNet2DConditionModel) -> list[Transformer2DModel]:
     """The UNet's transformer blocks in a fixed order (module registration order)."""
     return [m for m in unet.modules() if isinstance(m, Transformer2DModel)]
@@ -163,17 +154,14 @@ class LayeredUNet(nn.Module):
     Absent (padded) layers are left out of the UNet batch altogether (``pack=True``, the default) or
     run but masked out of inter-layer attention (``pack=False``); their outputs are zero either way.
     ``patch_size`` > 1 gives the UNet a space-to-depth stem: it sees (C * p * p, h / p, w / p) and its
-    output is shuffled back, so the diffusion itself still runs on (C, h, w). ``coord_channels``
-    appends x and y (in [-1, 1], pixel centres) to every layer's UNet input.
+    output is shuffled back, so the diffusion itself still runs on (C, h, w).
     """
 
-    def __init__(self, unet: UNet2DConditionModel, adapter: LayerAdapter, patch_size: int = 1,
-                 coord_channels: bool = False):
+    def __init__(self, unet: UNet2DConditionModel, adapter: LayerAdapter, patch_size: int = 1):
         super().__init__()
         self.unet = unet
         self.adapter = adapter
         self.patch_size = patch_size
-        self.coord_channels = coord_channels
         blocks = transformer_blocks(unet)
         channels = [m.in_channels for m in blocks]
         if list(adapter.config.block_channels) != channels:
@@ -237,8 +225,6 @@ class LayeredUNet(nn.Module):
 
         if self.patch_size > 1:
             flat = F.pixel_unshuffle(flat, self.patch_size)
-        if self.coord_channels:
-            flat = torch.cat([flat, coordinate_channels(flat)], dim=1)
         self._batch = _LayerBatch(b, num_slots, index, pack, slots)
         try:
             out = self.unet(flat, timesteps, encoder_hidden_states=context, return_dict=False)[0]

@@ -9,21 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, Transformer2DModel, UNet2DConditionModel
-from diffusers.models.resnet import ResnetBlock2D
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from model.configuration import LayerDiffConfig, get_config, unet_in_channels
-from model.layers import (
-    compose,
-    corrupt_masks,
-    distance_to_masks,
-    masks_to_distance,
-    slot_prompt_index,
-    slot_roles,
-)
+from model.configuration import LayerDiffConfig, get_config
+from model.layers import compose, slot_prompt_index, slot_roles
 from model.modeling.layer_attention import LayerAdapter, LayeredUNet
 from model.modeling.prompt_enhancer import PromptEnhancer
 from model.modeling.text import build_text_encoder, build_word_tokenizer
@@ -57,7 +48,7 @@ class LayerDiffModel(nn.Module):
         if adapter.config.max_layers != config.max_layers:
             raise ValueError(f"adapter max_layers {adapter.config.max_layers} != config {config.max_layers}")
         self.config = config
-        self.unet = LayeredUNet(unet, adapter, config.patch_size, config.coord_channels)
+        self.unet = LayeredUNet(unet, adapter, config.patch_size)
         self.prompt_enhancer = prompt_enhancer
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -101,8 +92,6 @@ class LayerDiffModel(nn.Module):
                 vae = None if config.pixel_space else AutoencoderKL.from_pretrained(path, subfolder="vae", **dkw)
             else:
                 unet = UNet2DConditionModel(**config.unet)
-                if config.zero_init_residuals:
-                    zero_init_residuals(unet)
                 vae = None if config.pixel_space else AutoencoderKL(**config.vae)
                 if config.tokenizer_type == "words":
                     tokenizer = build_word_tokenizer(config.max_text_length)
@@ -157,12 +146,9 @@ class LayerDiffModel(nn.Module):
                              f"hidden size {self.text_encoder.config.hidden_size}")
         p = self.config.patch_size
         channels, size = self.latent_shape[0] * p * p, self.latent_shape[1]
-        inputs = unet_in_channels(self.config, channels)
-        if unet_cfg.in_channels != inputs or unet_cfg.out_channels != channels:
-            extra = (", x2 in for self-conditioning" if self.config.self_conditioning else "") + (
-                ", + 2 coordinate channels in" if self.config.coord_channels else "")
-            raise ValueError(f"UNet channels {unet_cfg.in_channels}/{unet_cfg.out_channels} != {inputs}/{channels} "
-                             f"(latent channels x patch_size^2{extra})")
+        if unet_cfg.in_channels != channels or unet_cfg.out_channels != channels:
+            raise ValueError(f"UNet channels {unet_cfg.in_channels}/{unet_cfg.out_channels} != {channels}/{channels} "
+                             f"(latent channels x patch_size^2)")
         down = p * 2 ** (len(unet_cfg.block_out_channels) - 1)
         if size % down:
             raise ValueError(f"latent size {size} is not a multiple of the UNet's {down}x downsampling")
@@ -258,8 +244,6 @@ class LayerDiffModel(nn.Module):
         pixels = pixels.to(self.device, self.dtype)
         scale = self.slot_scale(pixels.ndim).to(self.dtype)
         if self.vae is None:
-            if self.config.mask_encoding == "distance":
-                pixels = self._map_masks(pixels, masks_to_distance)
             return pixels * present.to(self.device)[..., None, None, None].to(pixels.dtype) * scale
         index = present.to(self.device).reshape(-1).nonzero().squeeze(1)
         flat = pixels.reshape(-1, *pixels.shape[2:]).index_select(0, index)
@@ -270,17 +254,10 @@ class LayerDiffModel(nn.Module):
         out = z.new_zeros((pixels.shape[0] * pixels.shape[1], *z.shape[1:])).index_copy(0, index, z)
         return out.reshape(*pixels.shape[:2], *z.shape[1:]).to(self.dtype) * scale
 
-    def _map_masks(self, layers: torch.Tensor, fn: Any) -> torch.Tensor:
-        """``layers`` with ``fn(mask slots, mask_distance_width)`` in place of its mask slots."""
-        k = self.config.max_layers
-        return torch.cat([layers[:, : 1 + k], fn(layers[:, 1 + k:], self.config.mask_distance_width)], dim=1)
-
     def decode_layers(self, latents: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """(B, L, C, h, w) latents -> (B, L, 3, H, W) pixels (unclamped; differentiable); absent = 0."""
         latents = latents / self.slot_scale(latents.ndim).to(latents.dtype)
         if self.vae is None:
-            if self.config.mask_encoding == "distance":
-                latents = self._map_masks(latents, distance_to_masks)
             return latents * present.to(latents.device)[..., None, None, None].to(latents.dtype)
         index = present.to(latents.device).reshape(-1).nonzero().squeeze(1)
         z = latents.reshape(-1, *latents.shape[2:]).index_select(0, index)
@@ -317,72 +294,37 @@ class LayerDiffModel(nn.Module):
             eps = model_output
             return (x_t - s1a * eps) / sa.clamp_min(1e-4), eps
         if self.config.prediction_type == "sample":
-            x0 = self.logits_to_x0(model_output) if self.config.mask_logits else model_output
-            return x0, (x_t - sa * x0) / s1a.clamp_min(1e-4)
+            return model_output, (x_t - sa * model_output) / s1a.clamp_min(1e-4)
         return sa * x_t - s1a * model_output, s1a * x_t + sa * model_output
 
-    def logits_to_x0(self, model_output: torch.Tensor) -> torch.Tensor:
-        """A ``mask_logits`` model's output with each mask slot's logits l as x0: scale * tanh(l / 2)."""
-        k = self.config.max_layers
-        masks = torch.tanh(model_output[:, 1 + k:] / 2) * self.slot_scale(model_output.ndim)[:, 1 + k:]
-        return torch.cat([model_output[:, : 1 + k], masks.to(model_output.dtype)], dim=1)
-
     def predict(self, x_t: torch.Tensor, timesteps: torch.Tensor | int, context: torch.Tensor,
-                present: torch.Tensor, x0_prev: torch.Tensor | None = None) -> torch.Tensor:
-        """The layered UNet's raw output (v, eps or x0: ``prediction_type``) for noisy latents (B, L, C, h, w).
-
-        ``x0_prev``: the previous x0 estimate, for a self-conditioned model (None: zeros, "no estimate").
-        """
-        if self.config.self_conditioning:
-            x_t = torch.cat([x_t, torch.zeros_like(x_t) if x0_prev is None else x0_prev.to(x_t)], dim=2)
+                present: torch.Tensor) -> torch.Tensor:
+        """The layered UNet's raw output (v, eps or x0: ``prediction_type``) for noisy latents (B, L, C, h, w)."""
         return self.unet(x_t.to(self.dtype), timesteps, context, present)
-
-    def self_condition(self, x_t: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                       present: torch.Tensor) -> torch.Tensor:
-        """A self-conditioned model's first x0 estimate (no gradient), to feed back as ``x0_prev``."""
-        with torch.no_grad():
-            out = self.predict(x_t, timesteps, context, present).float()
-            x0, _ = self.predict_x0_eps(x_t.float(), out, self._alpha(timesteps, x_t.ndim))
-        return self.clip_x0(x0) if self.config.pixel_space else x0
 
     def training_loss(self, batch: dict[str, Any], generator: torch.Generator | None = None
                       ) -> dict[str, torch.Tensor]:
         """Diffusion loss over the present layers of a training batch (see model/README.md).
 
         Returns ``loss`` (scalar, differentiable) and detached diagnostics: ``loss_diffusion``,
-        ``loss_bg`` / ``loss_fg`` / ``loss_mask`` (per-role MSE; the masks' cross-entropy with ``mask_logits``), ``loss_composite`` and
-        ``loss_binarity`` when used.
+        ``loss_bg`` / ``loss_fg`` / ``loss_mask`` (per-role MSE) and ``loss_composite`` when used.
         """
         present = batch["present"].to(self.device, torch.bool)
         _check_present(present, self.config.max_layers)
         x0 = self.encode_layers(batch["layers"], present, generator)
         b = x0.shape[0]
         gen_device = generator.device if generator is not None else self.device
-        t = self._sample_timesteps(b, generator, gen_device)
+        t = torch.randint(0, self.config.num_train_timesteps, (b,), generator=generator, device=gen_device)
         noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype)
         t, noise = t.to(self.device), noise.to(self.device)
-        noise_in = noise  # the target below keeps the unperturbed noise
-        if self.config.input_perturbation > 0:
-            extra = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(self.device)
-            noise_in = noise + self.config.input_perturbation * extra
-        x_t = self.add_noise(self._corrupted_x0(batch["layers"], x0, present, t, generator, gen_device), noise_in, t)
+        x_t = self.add_noise(x0, noise, t)
         context = self.encode_prompts(batch["prompt"], batch["layer_prompts"])
-        x0_prev = None
-        if self.config.self_conditioning:  # half of the batches see the model's own first estimate
-            coin = torch.rand((), generator=generator, device=gen_device)
-            if float(coin) < 0.5:
-                x0_prev = self.self_condition(x_t, t, context.detach(), present)
-        pred = self.predict(x_t, t, context, present, x0_prev).float()
+        pred = self.predict(x_t, t, context, present).float()
 
         numel = x0[0, 0].numel()
         # Errors in pixel units (a latent is the layer times its input scale), so scaling a role's
         # input moves its schedule without also shrinking its loss.
         sq_err = (pred - self.target(x0, noise, t).float()) ** 2 / self.slot_scale(x0.ndim) ** 2
-        if self.config.mask_logits:  # the mask slots' error is the cross-entropy of their logits
-            k = self.config.max_layers
-            inside = (x0[:, 1 + k:] > 0).float()
-            bce = F.binary_cross_entropy_with_logits(pred[:, 1 + k:], inside, reduction="none")
-            sq_err = torch.cat([sq_err[:, : 1 + k], bce], dim=1)
         per_slot = sq_err.sum(dim=(2, 3, 4)) / numel * present.float()  # (B, L)
         roles = slot_roles(self.config.max_layers).to(self.device)
         out = {}
@@ -399,32 +341,13 @@ class LayerDiffModel(nn.Module):
             # SNR + 1 for v, SNR for eps and 1 for x0; the wanted one is the v / eps weight capped at gamma.
             eps = self.config.prediction_type == "epsilon"
             own = torch.ones_like(snr) if self.config.prediction_type == "sample" else snr + (0 if eps else 1)
-            if self.config.snr_per_role:  # a role's latents times s: its SNR times s^2
-                snr = snr * self.slot_scale(3).reshape(1, -1) ** 2  # (B, L)
-            wanted = snr + (0 if eps else 1)
-            weight = weight * (wanted.clamp(max=self.config.snr_gamma) / own.clamp_min(1e-8))
-        if self.config.mask_edge_weight > 0:
-            k = self.config.max_layers
-            edges = 1 + self.config.mask_edge_weight * mask_edges(batch["layers"][:, 1 + k:], x0.shape[-2:])
-            sq_err = torch.cat([sq_err[:, : 1 + k], sq_err[:, 1 + k:] * edges.to(sq_err)], dim=1)
-            per_slot = sq_err.sum(dim=(2, 3, 4)) / numel * present.float()
+            weight = weight * ((snr + (0 if eps else 1)).clamp(max=self.config.snr_gamma) / own.clamp_min(1e-8))
         loss = (per_slot * weight).sum() / norm
         out["loss_diffusion"] = loss.detach()
 
-        if self.config.mask_binarity_weight > 0 or self.config.composite_loss_weight > 0:
-            a = self._alpha(t, x0.ndim)
-            x0_hat, _ = self.predict_x0_eps(x_t.float(), pred, a)  # what both terms below score
-        if self.config.mask_binarity_weight > 0:
-            k = self.config.max_layers
-            masks_hat = (x0_hat[:, 1 + k:] / self.slot_scale(x0.ndim)[:, 1 + k:]).clamp(-1, 1)
-            grey = (1 - masks_hat.abs()).mean(dim=(2, 3, 4))  # (B, K): 0 where binary
-            low = (t < self.config.mask_binarity_max_t).float()[:, None]
-            # The diffusion loss's slot weights and norm, so the weight is relative to the MSE pixel for pixel.
-            binarity = (grey * low * weight[:, 1 + k:]).sum() / norm
-            out["loss_binarity"] = binarity.detach()
-            loss = loss + self.config.mask_binarity_weight * binarity
-
         if self.config.composite_loss_weight > 0:
+            a = self._alpha(t, x0.ndim)
+            x0_hat, _ = self.predict_x0_eps(x_t.float(), pred, a)
             pixels_hat = self.decode_layers(x0_hat.to(self.dtype), present).float()
             pixels = batch["layers"].to(self.device, torch.float32)
             err = (compose(pixels_hat, present) - compose(pixels, present)) ** 2
@@ -435,69 +358,9 @@ class LayerDiffModel(nn.Module):
         out["loss"] = loss
         return out
 
-    def _corrupted_x0(self, layers: torch.Tensor, x0: torch.Tensor, present: torch.Tensor, t: torch.Tensor,
-                      generator: torch.Generator | None, gen_device: torch.device | str) -> torch.Tensor:
-        """``x0`` with a ``mask_corruption`` share of its present mask slots from imprecise copies of
-        their masks, at timesteps >= ``mask_corruption_min_t`` (what the training input is noised
-        from; the target stays ``x0``)."""
-        p = self.config.mask_corruption
-        if p <= 0:
-            return x0
-        k = self.config.max_layers
-        masks = layers[:, 1 + k:].to(self.device, torch.float32)
-        pick = torch.rand(masks.shape[:2], generator=generator, device=gen_device).to(self.device) < p
-        pick &= present[:, 1 + k:] & (t >= self.config.mask_corruption_min_t)[:, None]
-        if not bool(pick.any()):
-            return x0
-        bad = corrupt_masks(masks.reshape(-1, *masks.shape[2:]), generator, tuple(self.config.mask_corruption_blur),
-                            self.config.mask_corruption_warp).reshape(masks.shape)
-        masks = torch.where(pick[..., None, None, None], bad, masks)
-        corrupted = self.encode_layers(torch.cat([layers[:, : 1 + k].to(masks), masks], dim=1), present)
-        return torch.cat([x0[:, : 1 + k], corrupted[:, 1 + k:].to(x0.dtype)], dim=1)
-
-    def _sample_timesteps(self, b: int, generator: torch.Generator | None, device: torch.device | str
-                          ) -> torch.Tensor:
-        """Training timesteps: uniform, with ``timestep_bias`` > 1 denser towards pure noise, or
-        logit-normal (``timestep_logit_normal``)."""
-        num = self.config.num_train_timesteps
-        if self.config.timestep_logit_normal:
-            mean, std = self.config.timestep_logit_normal
-            n = torch.randn(b, generator=generator, device=device, dtype=torch.float64)
-            return (num * torch.sigmoid(mean + std * n)).long().clamp(max=num - 1)
-        if self.config.timestep_bias == 1.0:
-            return torch.randint(0, num, (b,), generator=generator, device=device)
-        u = torch.rand(b, generator=generator, device=device, dtype=torch.float64)
-        return (num * u ** (1.0 / self.config.timestep_bias)).long().clamp(max=num - 1)
-
     def forward(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Same as :meth:`training_loss`; call the model itself when it is wrapped in DDP."""
         return self.training_loss(batch, generator)
-
-
-def zero_init_residuals(unet: UNet2DConditionModel) -> None:
-    """Zero the last layer of every residual branch of ``unet`` (ResNet ``conv2``, transformer
-    ``proj_out``) and its output convolution, so each block starts as the identity."""
-    layers = [unet.conv_out]
-    for module in unet.modules():
-        if isinstance(module, ResnetBlock2D):
-            layers.append(module.conv2)
-        elif isinstance(module, Transformer2DModel):
-            layers.append(module.proj_out)
-    for layer in layers:
-        nn.init.zeros_(layer.weight)
-        if layer.bias is not None:
-            nn.init.zeros_(layer.bias)
-
-
-def mask_edges(masks: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """(B, K, 3, H, W) masks in [-1, 1] -> (B, K, 1, h, w): the share of each latent pixel's area
-    that lies within one pixel of its mask's boundary (pixels whose 3x3 neighbourhood is mixed)."""
-    b, k, _, h, w = masks.shape
-    inside = (masks.float().mean(2) > 0).float().reshape(b * k, 1, h, w)
-    grown = F.max_pool2d(inside, 3, stride=1, padding=1)
-    shrunk = -F.max_pool2d(-inside, 3, stride=1, padding=1)
-    band = F.adaptive_avg_pool2d(grown - shrunk, tuple(size))
-    return band.reshape(b, k, 1, *band.shape[-2:])
 
 
 def _check_present(present: torch.Tensor, max_layers: int) -> None:

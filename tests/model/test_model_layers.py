@@ -11,7 +11,6 @@ from datagen.format import compose_uint8
 from model.layers import (
     arrays_to_layers,
     compose,
-    corrupt_masks,
     fg_slot,
     layer_alphas,
     layers_to_arrays,
@@ -87,19 +86,3 @@ def test_absent_layers_do_not_composite() -> None:
     assert torch.all(alphas[1:] == 0)
     np.testing.assert_array_equal(compose_layers_uint8(layers, present),
                                   compose_uint8(sample.background, sample.foregrounds, sample.masks))
-
-
-def test_corrupt_masks_rounds_corners_keeps_binary_and_never_empties() -> None:
-    masks = -torch.ones(3, 3, 32, 32)
-    masks[0, :, 8:24, 8:24] = 1  # a 16 px square
-    masks[1, :, 15, 15] = 1  # one pixel: blurred away, so kept as it was
-    out = corrupt_masks(masks, torch.Generator().manual_seed(0), blur=(1.5, 1.5), threshold=(0.5, 0.5))
-    assert out.shape == masks.shape and set(out.unique().tolist()) <= {-1.0, 1.0}
-    assert torch.equal(out[:, :1].expand_as(out), out)  # the same mask on all three channels
-    assert out[0, 0, 8, 8] == -1 and out[0, 0, 16, 16] == 1  # the corner is cut, the middle stays
-    assert abs(float((out[0] > 0).float().mean() - (masks[0] > 0).float().mean())) < 0.02  # area about kept
-    assert torch.equal(out[1], masks[1]) and torch.equal(out[2], masks[2])  # vanished: kept; empty: empty
-    same = corrupt_masks(masks, torch.Generator().manual_seed(0), blur=(0.0, 0.0))
-    assert torch.equal(same, masks)  # no blur, no warp: any threshold in (0, 1) gives the mask back
-    warped = corrupt_masks(masks, torch.Generator().manual_seed(1), blur=(0.0, 0.0), warp=2.0)
-    assert not torch.equal(warped[0], masks[0])

@@ -99,7 +99,7 @@ def test_oracle_denoiser_recovers_the_data(tiny_model: LayerDiffModel, monkeypat
     target = torch.rand(2, 7, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 1.6 - 0.8
     alphas = tiny_model.alphas_cumprod
 
-    def oracle(x_t, timesteps, context, present_, x0_prev=None):
+    def oracle(x_t, timesteps, context, present_):
         a = alphas[timesteps.cpu()].float().reshape(-1, 1, 1, 1, 1)[: x_t.shape[0]]
         x0 = target.repeat(x_t.shape[0] // 2, 1, 1, 1, 1)
         if prediction_type == "sample":
