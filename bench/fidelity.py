@@ -487,30 +487,21 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model.train import add_field_flag
+    from model.train import add_config_flags, parse_overrides
 
     parser = argparse.ArgumentParser(prog="python -m bench.fidelity", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = FidelityConfig()
-    for f in dataclasses.fields(FidelityConfig):
-        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
-        if f.name == "preset":
-            parser.add_argument(flag, choices=sorted(PRESETS), default=default)
-        elif f.name in PRESETS[defaults.preset]:  # None: the chosen preset's value
-            parser.add_argument(flag, type=type(default), default=None, help="default: the preset's")
-        elif f.name == "train_args":
-            parser.add_argument("--train-arg", dest="train_args", action="append", default=[], metavar="KEY=VALUE",
-                                help="model.train option (JSON value) over its defaults, e.g. batch_size=32")
-        else:
-            add_field_flag(parser, flag, default)
+    preset_keys = tuple(PRESETS[defaults.preset])
+    add_config_flags(parser, defaults, skip=("preset", "train_args", *preset_keys))
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=defaults.preset)
+    for key in preset_keys:  # None: the chosen preset's value
+        parser.add_argument("--" + key.replace("_", "-"), type=type(getattr(defaults, key)), default=None,
+                            help="default: the preset's")
+    parser.add_argument("--train-arg", dest="train_args", action="append", default=[], metavar="KEY=VALUE",
+                        help="model.train option (JSON value) over its defaults, e.g. batch_size=32")
     args = vars(parser.parse_args(argv))
-    train_args = {}
-    for item in args.pop("train_args"):
-        key, _, value = item.partition("=")
-        try:
-            train_args[key] = json.loads(value)
-        except json.JSONDecodeError:
-            train_args[key] = value
+    train_args = parse_overrides(args.pop("train_args"))
     report = run(FidelityConfig(**args, train_args=train_args))
     print(markdown(report))
     return 0

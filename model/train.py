@@ -535,11 +535,17 @@ def run_ray(cfg: TrainConfig) -> dict[str, Any]:
     return json.loads(Path(cfg.out, "result.json").read_text())  # written by rank 0
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (a repeated CLI flag) -> {key: value}; a value is read as JSON when it
+    is JSON (numbers, booleans, lists, objects), else kept as a string."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
 
 
 def add_field_flag(parser: argparse.ArgumentParser, flag: str, default: Any) -> None:
@@ -553,24 +559,23 @@ def add_field_flag(parser: argparse.ArgumentParser, flag: str, default: Any) -> 
         parser.add_argument(flag, type={int: int, float: float}.get(type(default), str), default=default)
 
 
+def add_config_flags(parser: argparse.ArgumentParser, config: Any, skip: tuple[str, ...] = ()) -> None:
+    """A flag per field of the dataclass instance ``config`` (``_`` spelled ``-``, typed by
+    :func:`add_field_flag`), but for the fields in ``skip``."""
+    for f in dataclasses.fields(config):
+        if f.name not in skip:
+            add_field_flag(parser, "--" + f.name.replace("_", "-"), getattr(config, f.name))
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """CLI flags -> TrainConfig (booleans as --flag / --no-flag; --model-arg KEY=VALUE repeats)."""
     parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if f.name == "model_args":
-            parser.add_argument("--model-arg", dest="model_args", action="append", default=[], metavar="KEY=VALUE",
-                                help="model config override (JSON value), e.g. max_layers=3")
-        else:
-            add_field_flag(parser, flag, default)
+    add_config_flags(parser, TrainConfig(), skip=("model_args",))
+    parser.add_argument("--model-arg", dest="model_args", action="append", default=[], metavar="KEY=VALUE",
+                        help="model config override (JSON value), e.g. max_layers=3")
     args = vars(parser.parse_args(argv))
-    overrides = {}
-    for item in args.pop("model_args"):
-        key, _, value = item.partition("=")
-        overrides[key] = _parse_value(value)
+    overrides = parse_overrides(args.pop("model_args"))
     return TrainConfig(**args, model_args=overrides)
 
 
