@@ -12,7 +12,7 @@ import torch
 def describe_machine() -> dict[str, Any]:
     """The CPU that timed a run: its name, logical cores, the vector ISA torch's kernels use
     (``AVX2``, ``AVX512``, ...) and the torch version. The same CPU-minute budget bought 6,300
-    training steps on one machine and 3,400 on another (BENCHMARKS.md), so reports carry this."""
+    training steps on one machine and 3,400 on another (docs/research/fidelity.md), so reports carry this."""
     name = platform.processor() or platform.machine()
     try:  # Linux: the marketing name; platform.processor() is often just the architecture there
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:

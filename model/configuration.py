@@ -143,7 +143,7 @@ class LayerDiffConfig:
 # The tiny UNet. A 2x2 space-to-depth stem (patch_size=2) runs the UNet at 16x16 on 12 channels:
 # about half the cost of a 32x32 UNet of the same widths, with the diffusion still on exact pixels.
 # Three levels (16, 8, 4); transformer blocks (self-, cross- and inter-layer attention) at 8 and 4
-# only: at 16 their 256-token self-attention doubled the step time (measured, see BENCHMARKS).
+# only: at 16 their 256-token self-attention doubled the step time (measured, model/README.md).
 # Eight GroupNorm groups rather than 32: one channel per group would erase a flat layer's colour
 # from the normalised branch.
 TINY_UNET: dict[str, Any] = {
@@ -215,7 +215,7 @@ SD15_VAE: dict[str, Any] = {
 
 
 def tiny_config(**overrides: Any) -> LayerDiffConfig:
-    """Pixel space, 32x32, ~1.8M parameters; trains from scratch on a CPU (recipe: BENCHMARKS.md)."""
+    """Pixel space, 32x32, ~1.8M parameters; trains from scratch on a CPU (recipe: docs/research/fidelity.md)."""
     base = LayerDiffConfig(
         name="tiny",
         resolution=32,

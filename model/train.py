@@ -61,7 +61,7 @@ class TrainConfig:
     max_steps: int = 1500
     max_minutes: float = 0.0  # > 0: a time budget: stop after this long; the cosine follows elapsed time
     budget_clock: str = "wall"  # wall | cpu (this process's CPU time: steady on a shared machine)
-    batch_size: int = 8  # per worker and micro-step; 8 beat 16 at equal CPU time (BENCHMARKS.md)
+    batch_size: int = 8  # per worker and micro-step; 8 beat 16 at equal CPU time (docs/research/fidelity.md)
     grad_accum: int = 1
     lr: float = 3e-3  # the tiny config from scratch; fine-tuning sd15 wants ~1e-5
     text_lr_scale: float = 0.3  # LR multiplier for the text encoder and prompt enhancer
@@ -95,7 +95,7 @@ class TrainConfig:
     progress: bool = True
     resume: bool = False
     # The EMA model is also saved as OUT/snapshots/minute-M when the budget clock passes M minutes: a
-    # learning curve of one run (model.fidelity scores each), without stopping or re-scheduling it.
+    # learning curve of one run (bench.fidelity scores each), without stopping or re-scheduling it.
     snapshot_minutes: list[float] = field(default_factory=list)
     # execution
     num_workers: int = 1  # Ray Train workers; 0 = run in this process without Ray
@@ -225,7 +225,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0,
           "lr": cfg.lr * (cfg.text_lr_scale if text else 1.0)} for (text, decay), ps in sorted(groups.items())],
         # foreach: one multi-tensor update instead of torch's CPU default, a Python loop over the
-        # ~475 tensors (32-42 ms against 23 ms of a ~0.45 s tiny-config step, BENCHMARKS.md).
+        # ~475 tensors (32-42 ms against 23 ms of a ~0.45 s tiny-config step, docs/research/fidelity.md).
         lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
 
 

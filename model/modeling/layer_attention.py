@@ -64,7 +64,7 @@ class InterLayerAttention(nn.Module):
         feed-forward) runs once over the present rows; only the attention itself is laid out as
         (B, L), with absent layers' keys masked out, so a padded layer can neither attend nor be
         attended to. One pass for every pattern of present layers: grouping samples by pattern cost
-        a copy of every per-token op per group (BENCHMARKS.md, session 13).
+        a copy of every per-token op per group (docs/research/fidelity.md, "Compute").
         """
         n, c, h, w = hidden_states.shape
         num_slots, heads = self.slot_embedding.shape[0], self.num_heads
