@@ -138,9 +138,22 @@ def clean_temporaries(out: Path) -> list[Path]:
     return removed
 
 
+def stage_identities(manifests: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Each stage's distinct identities (backend, model, checkpoint, licence, version) over the
+    shard manifests, in shard order: the index's record of which models made the dataset."""
+    stages: dict[str, list[dict[str, Any]]] = {}
+    for manifest in manifests:
+        for stage, identity in (manifest.get("stages") or {}).items():
+            seen = stages.setdefault(stage, [])
+            if identity not in seen:
+                seen.append(identity)
+    return stages
+
+
 def write_index(out: Path, config: dict[str, Any], config_sha256: str) -> dict[str, Any]:
     """Write OUT/manifest.json from every verified shard manifest present."""
     shards, totals = [], {"samples": 0, "rejected": 0, "bytes": 0}
+    manifests = []
     for mpath in sorted((out / "manifests").glob("[0-9]*.json")):
         shard = int(mpath.stem)
         manifest = read_verified_manifest(out, shard, config_sha256)
@@ -151,7 +164,8 @@ def write_index(out: Path, config: dict[str, Any], config_sha256: str) -> dict[s
         totals["samples"] += manifest["samples"]
         totals["rejected"] += len(manifest["rejected"])
         totals["bytes"] += manifest["bytes"]
+        manifests.append(manifest)
     index = {"schema": DATASET_SCHEMA, "config": config, "config_sha256": config_sha256,
-             "shards": shards, "totals": totals}
+             "shards": shards, "totals": totals, "stages": stage_identities(manifests)}
     write_json_atomic(out / "manifest.json", index)
     return index
