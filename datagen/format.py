@@ -220,14 +220,16 @@ def _member_array(members: Mapping[str, Any], suffix: str, mode: str, key: str, 
         if isinstance(value, (bytes, bytearray, memoryview)):
             return decode_png(bytes(value), mode)
         if isinstance(value, Image.Image):
-            if value.mode != mode:
-                raise ValueError(f"image mode {value.mode}, expected {mode}")
-            return np.asarray(value)
+            value = np.asarray(value)
         if isinstance(value, np.ndarray):
+            if mode == "RGB" and value.ndim == 3 and value.shape[2] == 4 and (value[..., 3] == 255).all():
+                value = value[..., :3]  # a loader decoding everything as RGBA (webdataset "rgba8")
             rank_ok = value.ndim == 2 if mode == "L" else (value.ndim == 3 and value.shape[2] == _CHANNELS[mode])
             if value.dtype != np.uint8 or not rank_ok:
-                raise ValueError(f"array {value.dtype} {value.shape} is not a uint8 {mode} image")
-            return value
+                hint = (" (the loader dropped the alpha channel: decode this member as RGBA, e.g. webdataset "
+                        "'pilrgba' or 'rgba8', or pass its bytes)") if mode == "RGBA" and value.ndim == 3 else ""
+                raise ValueError(f"decoded as a {value.dtype} {value.shape} array, not a uint8 {mode} image{hint}")
+            return np.ascontiguousarray(value)
         raise TypeError(f"cannot read a {type(value).__name__} as an image")
     except Exception as err:  # noqa: BLE001 - every way a member fails to decode is reported
         detail = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(err)).strip()

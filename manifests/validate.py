@@ -131,17 +131,17 @@ def check_layer_meta(sample: LayerSample) -> list[str]:
 def layer_layout(members: Mapping[str, bytes]) -> tuple[int, int]:
     """(layer count, format version) of a sample from its members: from its json when readable,
     else inferred (format 1 when fg/mask members are present, counted up to the highest index)."""
+    indices = [int(m.group(1)) for m in map(_LAYER_MEMBER.match, members) if m]
+    count, version = (min(max(indices) + 1, len(members)), 1) if indices else (0, 2)
     try:
         meta = json.loads(members["json"].decode("utf-8"))
         layers = meta.get("layers")
         if isinstance(layers, list):
-            return len(layers), schema_version(meta.get("schema"))
-    except Exception:  # noqa: BLE001 - absent or unreadable json, unknown version: infer
+            count = len(layers)
+        version = schema_version(meta.get("schema"))
+    except Exception:  # noqa: BLE001 - absent or unreadable json, unknown version: as inferred
         pass
-    indices = [int(m.group(1)) for m in map(_LAYER_MEMBER.match, members) if m]
-    if indices:
-        return min(max(indices) + 1, len(members)), 1
-    return 0, 2
+    return count, version
 
 
 def missing_members(members: Mapping[str, bytes]) -> list[str]:
