@@ -87,12 +87,12 @@ class FormatError(ValueError):
         self.detail, self.key, self.member, self.where = detail, key, member, where
         super().__init__(self.located())
 
-    def located(self, shard: bool = True) -> str:
-        """The message; without the shard (``shard=False``) when the caller names it already."""
+    def located(self, shard: bool = True, key: bool = True) -> str:
+        """The message; without the shard or key when the caller names them already."""
         parts = []
         if shard and self.where:
             parts.append(f"shard {self.where}")
-        if self.key:
+        if key and self.key:
             parts.append(f"key {self.key}")
         if self.member:
             parts.append(f"member {self.key}.{self.member}" if self.key else f"member {self.member}")

@@ -178,13 +178,13 @@ def check_members(key: str, members: Mapping[str, bytes], max_layers: int | None
     except Exception as err:  # noqa: BLE001 - any decoding failure is a finding
         problems = _member_errors(key, members)
         if not problems and isinstance(err, FormatError) and err.member != "json":
-            problems = [err.located(shard=False).removeprefix(f"key {key}, ")]
+            problems = [err.located(shard=False, key=False)]
         if not problems:  # the members decode, so the json's content is to blame
             try:
                 problems = [f"json {e}" for e in document_errors(json.loads(members["json"]), "sample")]
             except ValueError:
                 problems = []
-        detail = err.located(shard=False).removeprefix(f"key {key}, ") if isinstance(err, FormatError) else \
+        detail = err.located(shard=False, key=False) if isinstance(err, FormatError) else \
             f"cannot decode: {type(err).__name__}: {err}"
         return problems or [detail]
     problems = [f"json {e}" for e in document_errors(sample.meta, "sample")]
