@@ -108,7 +108,7 @@ def scene_sample(scene: Any, key: str) -> LayerSample:
         ys, xs = np.nonzero(mask)
         box = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1] if len(xs) else [0, 0, 0, 0]
         layers.append({"index": n, "phrase": scene.phrases[n], "caption": scene.layer_captions[n], "box": box,
-                       "score": 1.0, "area": int((mask > 0).sum())})
+                       "score": 1.0, "area": int((mask > 0).sum()), "extent": "amodal"})
     sample = LayerSample(key=key, image=scene.image, background=scene.background,
                          foregrounds=list(scene.foregrounds), masks=list(scene.masks), caption=scene.caption)
     sample.meta = {"schema": SAMPLE_SCHEMA, "key": key, "width": w, "height": h, "caption": scene.caption,
