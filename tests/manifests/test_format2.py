@@ -263,3 +263,19 @@ def test_rgba_source_layers_keep_their_alpha_in_a_png_viewer(make_dataset):
     with tarfile.open(ds.tar(0)) as tar:
         img = Image.open(io.BytesIO(tar.extractfile("m0001.layers.png").read()))
         assert (img.mode, img.size) == ("RGBA", (64, 3 * 64))
+
+
+def test_index_records_each_models_checkpoint_and_licence(make_dataset, capsys):
+    ds = make_dataset(mixed_shards())
+    index = json.loads((ds.out / "manifest.json").read_text())
+    (segment,) = index["stages"]["segment"]
+    assert (segment["model"], segment["checkpoint"]["sha256"], segment["licence"]) == ("vit_b", "ab" * 32, "Apache-2.0")
+    index["stages"]["segment"][0]["licence"] = "MIT"  # the index must say what the shards say
+    (ds.out / "manifest.json").write_text(json.dumps(index))
+    assert main(["validate", str(ds.out), "-q"]) == 1
+    assert "manifest.json stages differ" in capsys.readouterr().out
+    doc = json.loads(ds.manifest(0).read_text())
+    doc["stages"]["segment"]["licence"] = 5
+    ds.manifest(0).write_text(json.dumps(doc))
+    assert main(["validate", str(ds.out), "-q"]) == 1
+    assert "ERROR shard 000000: manifest $.stages.segment.licence: 5 is not of type" in capsys.readouterr().out

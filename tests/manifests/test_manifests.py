@@ -303,10 +303,12 @@ def test_summary(dataset, capsys):
     assert s["rejections"][0] == {"stage": "ground", "reason": "no detection above threshold <n>", "count": 2,
                                   "example": "no detection above threshold 0.35 (ground.py:41)"}
     assert s["stages"]["segment"][0]["checkpoint"].startswith("sam_vit_b.pth sha256:abab")
+    assert s["stages"]["segment"][0]["licence"] == "Apache-2.0"
     code, out = run(capsys, "summary", str(dataset.out))
     assert code == 0
     assert "shards 2  samples 6  rejected 3" in out
     assert "no detection above threshold <n>" in out
+    assert "checkpoint=sam_vit_b.pth sha256:abababababab  licence=Apache-2.0" in out
     code, out = run(capsys, "summary", str(dataset.out), "--json")
     assert json.loads(out)["totals"] == s["totals"]
 
