@@ -42,7 +42,8 @@ def compose_layers(background: Any, foregrounds: Sequence[Any], alphas: Sequence
 
     ``I = bg; for n: I = a_n * fg_n + (1 - a_n) * I``. Works on numpy arrays and torch tensors
     alike (plain arithmetic only); every alpha must broadcast against the images and lie in
-    [0, 1]. Use :func:`mask_to_alpha` for 8-bit masks in HWC layout.
+    [0, 1] (continuous: soft alpha composes by the same rule). Use :func:`mask_to_alpha` for
+    8-bit alphas in HWC layout.
     """
     if len(foregrounds) != len(alphas):
         raise ValueError(f"{len(foregrounds)} foregrounds but {len(alphas)} alphas")
@@ -53,13 +54,13 @@ def compose_layers(background: Any, foregrounds: Sequence[Any], alphas: Sequence
 
 
 def mask_to_alpha(mask: np.ndarray) -> np.ndarray:
-    """8-bit L mask (H, W) to a float32 alpha (H, W, 1) in [0, 1]."""
+    """8-bit alpha (H, W), 0..255, to a float32 alpha (H, W, 1) in [0, 1]."""
     return (np.asarray(mask, dtype=np.float32) / 255.0)[..., None]
 
 
 def compose_uint8(background: np.ndarray, foregrounds: Sequence[np.ndarray],
                   masks: Sequence[np.ndarray]) -> np.ndarray:
-    """Compose 8-bit RGB layers with 8-bit masks into an 8-bit RGB image."""
+    """Compose 8-bit straight RGB layers with their 8-bit alphas into an 8-bit RGB image."""
     out = compose_layers(background.astype(np.float32),
                          [f.astype(np.float32) for f in foregrounds],
                          [mask_to_alpha(m) for m in masks])

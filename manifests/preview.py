@@ -74,7 +74,7 @@ def row_cells(sample: LayerSample) -> list[tuple[str, np.ndarray]]:
     for n, (fg, mask) in enumerate(zip(sample.foregrounds, sample.masks, strict=True)):
         cells.append((f"fg{n} {phrases[n]}", over_checkerboard(fg, mask)))
     for n, mask in enumerate(sample.masks):
-        cells.append((f"mask{n}", mask))
+        cells.append((f"alpha{n}", mask))
     recon = sample.recompose()
     cells.append((f"recomposed {psnr(recon, sample.image):.1f}dB", recon))
     return cells

@@ -64,6 +64,35 @@ def test_huggingface_datasets_reads_every_layer(make_dataset, tmp_path):
     assert_same_layers({row["__key__"]: read_sample(row) for row in raw}, ds)  # {"bytes": ...} members
 
 
+def test_huggingface_measurements_behind_the_layout(make_dataset, tmp_path):
+    """What docs/FORMAT.md's layout and json rules rest on (datasets 4.8.5): a member set that
+    varies with the layer count fails to load; json types are inferred from the first 5 samples
+    (a later key is dropped, null-then-value fails). If this changes, revisit the reasons there."""
+    datasets = pytest.importorskip("datasets")
+
+    def load(name: str) -> object:
+        files = sorted(str(p) for p in (tmp_path / name / "shards").glob("*.tar"))
+        return datasets.load_dataset("webdataset", data_files={"train": files}, split="train",
+                                     cache_dir=str(tmp_path / name / "cache"))
+
+    from tests.manifests.conftest import write_dataset
+
+    write_dataset(tmp_path / "v1", mixed_shards(version=1))
+    with pytest.raises(ValueError, match="don't share the same prefix or the same types"):
+        load("v1")
+    late_key = mixed_shards()
+    late_key[1][0].meta["late"] = 1.5  # the sixth sample (the first of the second shard)
+    write_dataset(tmp_path / "late", late_key)
+    assert "late" not in load("late")[5]["json"]
+    nulls = mixed_shards()
+    for sample in nulls[0]:
+        sample.meta["source"]["maybe"] = None
+    nulls[1][0].meta["source"]["maybe"] = "a value"
+    write_dataset(tmp_path / "nulls", nulls)
+    with pytest.raises(datasets.exceptions.DatasetGenerationError):
+        load("nulls")
+
+
 def test_webdataset_and_tarfile_read_every_layer(make_dataset):
     import webdataset as wds
 
