@@ -308,3 +308,13 @@ def test_index_records_each_models_checkpoint_and_licence(make_dataset, capsys):
     ds.manifest(0).write_text(json.dumps(doc))
     assert main(["validate", str(ds.out), "-q"]) == 1
     assert "ERROR shard 000000: manifest $.stages.segment.licence: 5 is not of type" in capsys.readouterr().out
+
+
+def test_a_shard_holds_one_format_version(make_dataset, capsys):
+    shards = mixed_shards()
+    shards[0][2] = make_sample("m0002", seed=2, num_layers=2, version=1)  # format 1 in a format-2 shard
+    ds = make_dataset(shards)
+    assert main(["validate", str(ds.out), "-q"]) == 1
+    errors = [x for x in capsys.readouterr().out.splitlines() if x.startswith("ERROR")]
+    assert errors == ["ERROR shard 000000 key m0002: sample is format 1 but its shard manifest is format 2 "
+                      "(a shard holds one version; `python -m manifests upgrade` rewrites whole shards)"]
