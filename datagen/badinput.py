@@ -109,7 +109,9 @@ def write_unsafe_tar(path: Path) -> dict[str, str]:
     rgb = _save(Image.fromarray(_scene_rgb()), "JPEG", quality=95)
     members = {
         "000000000.jpg": rgb, "000000000.txt": b"a red square on a green background",
-        "000000000.json": b'{"url": "http://example.invalid/0.jpg"}',
+        "000000000.json": json.dumps({"url": "http://example.invalid/0.jpg", "caption": "red square, green",
+                                      "license": "CC-BY-4.0", "status": "success", "error_message": None,
+                                      "key": "000000000"}).encode(),
         "../evil/000000001.jpg": rgb, "../evil/000000001.txt": b"escape",
         "/abs/000000002.jpg": rgb,
         "000000003.txt": b"a caption without an image",

@@ -7,6 +7,7 @@ decode stage's actors. Shard s takes items [s*P, (s+1)*P) of the listing.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import tarfile
@@ -147,6 +148,31 @@ class RawItem:
     caption: bytes | str | None = None
     meta: bytes | dict[str, Any] | None = None
     truth: Any = None  # synthetic scenes: the true layers (datagen.scenes.Scene)
+
+
+# Keys under which source metadata (img2dataset's KEY.json, LAION/CC parquet columns carried into it,
+# a folder's sidecar json) states an image's origin, compared case-insensitively, first match wins.
+PROVENANCE_KEYS: dict[str, tuple[str, ...]] = {
+    "url": ("url", "image_url", "source_url", "original_url"),
+    "licence": ("licence", "license", "license_name", "licence_name", "license_url", "rights"),
+    "caption": ("caption", "text", "alt", "alt_text"),
+}
+
+
+def provenance(meta: Any) -> dict[str, str]:
+    """The sample's provenance from its source's metadata document (the sidecar json as read):
+    ``{"url", "licence", "caption", "metadata"}``, each "" when the metadata does not say.
+    ``metadata`` is the whole document as JSON text, so its free-form fields travel with the
+    sample without giving columnar readers a different JSON shape per sample."""
+    out = {name: "" for name in PROVENANCE_KEYS}
+    if not isinstance(meta, dict) or not meta:
+        return {**out, "metadata": ""}
+    lowered = {str(k).lower(): v for k, v in meta.items()}
+    for name, keys in PROVENANCE_KEYS.items():
+        value = next((lowered[k] for k in keys if isinstance(lowered.get(k), str) and lowered[k].strip()), "")
+        out[name] = value.strip()
+    out["metadata"] = json.dumps(meta, ensure_ascii=False, sort_keys=True, default=str)
+    return out
 
 
 class SourceReadError(Exception):

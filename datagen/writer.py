@@ -12,6 +12,7 @@ import json
 import os
 import tarfile
 from collections import Counter
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -69,6 +70,22 @@ def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def write_tar(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> tuple[str, int]:
+    """Write samples (key, suffix -> bytes) to ``path`` as a tar, members contiguous in the order
+    given, and flush it to disk; returns the tar's (sha256, size in bytes)."""
+    with open(path, "wb") as raw:
+        hashing = _HashingFile(raw)
+        with tarfile.open(fileobj=hashing, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+            for key, members in samples:
+                for suffix, data in members.items():
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
+                    tf.addfile(info, io.BytesIO(data))
+        raw.flush()
+        os.fsync(raw.fileno())
+    return hashing.sha256.hexdigest(), hashing.bytes
+
+
 def write_shard(out: Path, shard: int, items: list[Item], config_sha256: str,
                 stages: dict[str, Any], seconds: float) -> dict[str, Any]:
     """Write shard ``shard`` from its items (accepted and rejected, any order) and its manifest."""
@@ -77,16 +94,7 @@ def write_shard(out: Path, shard: int, items: list[Item], config_sha256: str,
     final = tar_path(out, shard)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as raw:
-            hashing = _HashingFile(raw)
-            with tarfile.open(fileobj=hashing, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-                for it in accepted:
-                    for suffix, data in it.members.items():
-                        info = tarfile.TarInfo(f"{it.key}.{suffix}")
-                        info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
-                        tf.addfile(info, io.BytesIO(data))
-            raw.flush()
-            os.fsync(raw.fileno())
+        sha256, size = write_tar(tmp, ((it.key, it.members) for it in accepted))
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
@@ -94,8 +102,8 @@ def write_shard(out: Path, shard: int, items: list[Item], config_sha256: str,
     manifest = {
         "schema": SHARD_SCHEMA,
         "shard": shard,
-        "sha256": hashing.sha256.hexdigest(),
-        "bytes": hashing.bytes,
+        "sha256": sha256,
+        "bytes": size,
         "samples": len(accepted),
         "keys": [it.key for it in accepted],
         "rejected": [{"source": it.uri, "key": it.key, **(it.rejected or {"stage": "assemble",
@@ -138,9 +146,22 @@ def clean_temporaries(out: Path) -> list[Path]:
     return removed
 
 
+def stage_identities(manifests: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Each stage's distinct identities (backend, model, checkpoint, licence, version) over the
+    shard manifests, in shard order: the index's record of which models made the dataset."""
+    stages: dict[str, list[dict[str, Any]]] = {}
+    for manifest in manifests:
+        for stage, identity in (manifest.get("stages") or {}).items():
+            seen = stages.setdefault(stage, [])
+            if identity not in seen:
+                seen.append(identity)
+    return stages
+
+
 def write_index(out: Path, config: dict[str, Any], config_sha256: str) -> dict[str, Any]:
     """Write OUT/manifest.json from every verified shard manifest present."""
     shards, totals = [], {"samples": 0, "rejected": 0, "bytes": 0}
+    manifests = []
     for mpath in sorted((out / "manifests").glob("[0-9]*.json")):
         shard = int(mpath.stem)
         manifest = read_verified_manifest(out, shard, config_sha256)
@@ -151,7 +172,8 @@ def write_index(out: Path, config: dict[str, Any], config_sha256: str) -> dict[s
         totals["samples"] += manifest["samples"]
         totals["rejected"] += len(manifest["rejected"])
         totals["bytes"] += manifest["bytes"]
+        manifests.append(manifest)
     index = {"schema": DATASET_SCHEMA, "config": config, "config_sha256": config_sha256,
-             "shards": shards, "totals": totals}
+             "shards": shards, "totals": totals, "stages": stage_identities(manifests)}
     write_json_atomic(out / "manifest.json", index)
     return index

@@ -1,5 +1,5 @@
-"""Tools for LayerDiff datasets (format 1, docs/FORMAT.md): JSON Schemas, summary, validation,
-contact-sheet previews. ``python -m manifests --help`` for the CLI."""
+"""Tools for LayerDiff datasets (formats 1 and 2, docs/FORMAT.md): JSON Schemas, summary,
+validation, contact-sheet previews, the format-1 to format-2 upgrade. ``python -m manifests --help`` for the CLI."""
 
 from manifests.layout import scan_dataset, shard_done
 from manifests.preview import contact_sheet, select_samples, sheet_size, write_preview

@@ -1,4 +1,4 @@
-"""``python -m manifests``: summary, validate and preview of a LayerDiff dataset (format 1)."""
+"""``python -m manifests``: summary, validate, preview and upgrade of a LayerDiff dataset."""
 
 from __future__ import annotations
 
@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=8, help="number of samples without --key (default 8)")
     p.add_argument("--cell", type=int, default=128, help="cell size in pixels (default 128)")
     p.add_argument("-o", "--output", type=Path, required=True, help="PNG to write")
+
+    p = sub.add_parser("upgrade", help="rewrite a format-1 dataset as format 2, shard by shard (rerun-safe)")
+    p.add_argument("out", type=Path, help="dataset directory")
     return parser
 
 
@@ -84,7 +87,21 @@ def _preview(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _upgrade(args: argparse.Namespace) -> int:
+    from manifests.upgrade import UpgradeError, upgrade_dataset
+
+    try:
+        report = upgrade_dataset(args.out, log=print)
+    except UpgradeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_VIOLATIONS
+    print(f"OK: {len(report.upgraded)} shards upgraded, {len(report.finished)} finished, "
+          f"{len(report.kept)} already format 2; {report.samples} samples rewritten")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 violations found, 2 usage error)."""
+    """Run the CLI; returns the exit status (0 ok, 1 violations found or upgrade failed, 2 usage error)."""
     args = _parser().parse_args(argv)
-    return {"summary": _summary, "validate": _validate, "preview": _preview}[args.command](args)
+    return {"summary": _summary, "validate": _validate, "preview": _preview,
+            "upgrade": _upgrade}[args.command](args)

@@ -107,7 +107,7 @@ def hash_file(path: str | Path) -> tuple[str, int]:
 
 
 def shard_done(out: str | Path, shard: int) -> bool:
-    """Resume rule of format 1: a shard is done when its manifest exists, parses, and its tar's
+    """The resume rule (docs/FORMAT.md): a shard is done when its manifest exists, parses, and its tar's
     sha256 and size match the manifest. Anything else means the shard must be (re)written."""
     mpath, tpath = manifest_path(out, shard), tar_path(out, shard)
     if not mpath.is_file() or not tpath.is_file():

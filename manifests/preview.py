@@ -1,7 +1,7 @@
 """Contact sheets of layered samples (``python -m manifests preview``).
 
-One row per sample: image, background, each foreground over a checkerboard (its mask as alpha),
-each mask, and the recomposition of background and layers. A header line above each row names
+One row per sample: image, background, each layer over a checkerboard (with its alpha), each
+alpha, and the recomposition of background and layers. A header line above each row names
 the sample and its layer phrases; a caption under each cell says what it shows.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from datagen.format import LayerSample, compose_layers, iter_tar_samples, mask_to_alpha, psnr
+from datagen.format import LayerSample, compose_layers, iter_tar_samples, mask_to_alpha, psnr, read_sample
 from manifests.layout import read_json, scan_dataset
 
 PAD = 4  # pixels around and between cells
@@ -74,7 +74,7 @@ def row_cells(sample: LayerSample) -> list[tuple[str, np.ndarray]]:
     for n, (fg, mask) in enumerate(zip(sample.foregrounds, sample.masks, strict=True)):
         cells.append((f"fg{n} {phrases[n]}", over_checkerboard(fg, mask)))
     for n, mask in enumerate(sample.masks):
-        cells.append((f"mask{n}", mask))
+        cells.append((f"alpha{n}", mask))
     recon = sample.recompose()
     cells.append((f"recomposed {psnr(recon, sample.image):.1f}dB", recon))
     return cells
@@ -130,7 +130,7 @@ def iter_dataset_samples(out: str | Path, shards: Iterable[int] | None = None) -
             if not group.key:
                 continue
             try:
-                yield PreviewSample(number, LayerSample.from_members(group.key, group.members))
+                yield PreviewSample(number, read_sample(group.members, key=group.key))
             except Exception:  # noqa: BLE001 - a preview shows what it can; validate reports it
                 continue
 

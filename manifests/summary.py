@@ -77,7 +77,7 @@ def summarize(out: str | Path) -> dict[str, Any]:
         for stage, ident in _as(doc.get("stages"), dict).items():
             if isinstance(ident, dict):
                 row = (ident.get("backend"), ident.get("model"),
-                       _checkpoint_text(ident.get("checkpoint")), ident.get("version"))
+                       _checkpoint_text(ident.get("checkpoint")), ident.get("version"), ident.get("licence"))
                 stages.setdefault(stage, Counter())[row] += 1
         configs[str(doc.get("config_sha256"))] += 1
         samples = doc.get("samples") if isinstance(doc.get("samples"), int) else 0
@@ -113,8 +113,8 @@ def summarize(out: str | Path) -> dict[str, Any]:
         "rejections_by_stage": dict(by_stage.most_common()),
         "rejections": [{"stage": s, "reason": r, "count": n, "example": examples[(s, r)]}
                        for (s, r), n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))],
-        "stages": {stage: [{"backend": b, "model": m, "checkpoint": c, "version": v, "shards": n}
-                           for (b, m, c, v), n in ids.most_common()]
+        "stages": {stage: [{"backend": b, "model": m, "checkpoint": c, "version": v, "licence": lic, "shards": n}
+                           for (b, m, c, v, lic), n in ids.most_common()]
                    for stage, ids in stages.items()},
         "config_sha256": dict(configs),
         "index": index,
@@ -170,7 +170,8 @@ def format_summary(summary: dict[str, Any], max_reasons: int = 20, max_shards: i
     for stage, ids in summary["stages"].items():
         mixed = "  MIXED" if len(ids) > 1 else ""
         for i in ids:
-            lines.append(f"  {stage:<10} {i['backend']}  model={i['model']}  checkpoint={i['checkpoint']}  "
+            licence = f"  licence={i['licence']}" if i["licence"] else ""
+            lines.append(f"  {stage:<10} {i['backend']}  model={i['model']}  checkpoint={i['checkpoint']}{licence}  "
                          f"v{i['version']}  ({i['shards']} shards){mixed}")
     lines.append("")
     lines.append(f"  {'shard':>6}  {'samples':>7}  {'rejected':>8}  {'size':>10}  {'seconds':>8}  layers")

@@ -21,19 +21,23 @@ import numpy as np
 from tqdm import tqdm
 
 from datagen.format import (
+    LAYERS_MEMBER,
+    FormatError,
     LayerSample,
     TarSample,
     check_sample,
     decode_png,
     iter_tar_samples,
     member_suffixes,
+    read_sample,
+    schema_version,
 )
+from datagen.writer import stage_identities
 from manifests.layout import HashingReader, read_json, scan_dataset, shard_name
 from manifests.schemas import document_errors
 
 AREA_TOLERANCE = 0.005  # |layers[n].area - mask coverage| allowed (fraction of the image)
 BOX_TOLERANCE = 1.0  # pixels a box may stick out of the image
-_FG_MEMBER = re.compile(r"^fg\.[0-9]+\.png$")
 _OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 _LAYER_MEMBER = re.compile(r"^(?:fg|mask)\.([0-9]+)\.png$")
 
@@ -124,19 +128,26 @@ def check_layer_meta(sample: LayerSample) -> list[str]:
     return problems
 
 
-def missing_members(members: Mapping[str, bytes]) -> list[str]:
-    """The member suffixes a sample lacks, in write order; the layer count comes from its json
-    when readable, else from the highest fg/mask index present."""
-    count: int | None = None
+def layer_layout(members: Mapping[str, bytes]) -> tuple[int, int]:
+    """(layer count, format version) of a sample from its members: from its json when readable,
+    else inferred (format 1 when fg/mask members are present, counted up to the highest index)."""
+    indices = [int(m.group(1)) for m in map(_LAYER_MEMBER.match, members) if m]
+    count, version = (min(max(indices) + 1, len(members)), 1) if indices else (0, 2)
     try:
-        layers = json.loads(members["json"].decode("utf-8")).get("layers")
-        count = len(layers) if isinstance(layers, list) else None
-    except Exception:  # noqa: BLE001 - absent or unreadable json: infer from the members
-        count = None
-    if count is None:
-        indices = [int(m.group(1)) for m in map(_LAYER_MEMBER.match, members) if m]
-        count = min(max(indices) + 1, len(members)) if indices else 0
-    return [s for s in member_suffixes(count) if s not in members]
+        meta = json.loads(members["json"].decode("utf-8"))
+        layers = meta.get("layers")
+        if isinstance(layers, list):
+            count = len(layers)
+        version = schema_version(meta.get("schema"))
+    except Exception:  # noqa: BLE001 - absent or unreadable json, unknown version: as inferred
+        pass
+    return count, version
+
+
+def missing_members(members: Mapping[str, bytes]) -> list[str]:
+    """The member suffixes a sample lacks, in write order (see :func:`layer_layout`)."""
+    count, version = layer_layout(members)
+    return [s for s in member_suffixes(count, version) if s not in members]
 
 
 def _member_errors(key: str, members: Mapping[str, bytes]) -> list[str]:
@@ -145,7 +156,8 @@ def _member_errors(key: str, members: Mapping[str, bytes]) -> list[str]:
     for suffix, data in members.items():
         try:
             if suffix.endswith(".png"):
-                decode_png(data, "L" if suffix.startswith("mask.") else "RGB")
+                mode = "RGBA" if suffix == LAYERS_MEMBER else "L" if suffix.startswith("mask.") else "RGB"
+                decode_png(data, mode)
             elif suffix == "txt":
                 data.decode("utf-8")
             elif suffix == "json":
@@ -162,12 +174,19 @@ def check_members(key: str, members: Mapping[str, bytes], max_layers: int | None
     if missing:
         return [f"missing member {key}.{suffix}" for suffix in missing]
     try:
-        sample = LayerSample.from_members(key, members)
+        sample = read_sample(members, key=key)
     except Exception as err:  # noqa: BLE001 - any decoding failure is a finding
         problems = _member_errors(key, members)
+        if not problems and isinstance(err, FormatError) and err.member != "json":
+            problems = [err.located(shard=False, key=False)]
         if not problems:  # the members decode, so the json's content is to blame
-            problems = [f"json {e}" for e in document_errors(json.loads(members["json"]), "sample")]
-        return problems or [f"cannot decode: {type(err).__name__}: {err}"]
+            try:
+                problems = [f"json {e}" for e in document_errors(json.loads(members["json"]), "sample")]
+            except ValueError:
+                problems = []
+        detail = err.located(shard=False, key=False) if isinstance(err, FormatError) else \
+            f"cannot decode: {type(err).__name__}: {err}"
+        return problems or [detail]
     problems = [f"json {e}" for e in document_errors(sample.meta, "sample")]
     if not isinstance(sample.meta, dict):
         return problems
@@ -184,8 +203,8 @@ class _SampleChecker:
     the end of the tar, in case the rest of it comes later (non-contiguous members): the layout
     problem is reported once and the reassembled sample is still checked."""
 
-    def __init__(self, max_layers: int | None, add: Callable[..., None]) -> None:
-        self.max_layers, self.add = max_layers, add
+    def __init__(self, max_layers: int | None, add: Callable[..., None], version: int | None = None) -> None:
+        self.max_layers, self.add, self.version = max_layers, add, version
         self.keys: list[str] = []  # tar order of first appearance
         self.hist: Counter[int] = Counter()
         self.pending: dict[str, dict[str, bytes]] = {}
@@ -225,7 +244,11 @@ class _SampleChecker:
         self.done.add(key)
         for p in check_members(key, members, self.max_layers):
             self.add(p, key=key)
-        self.hist[sum(1 for s in members if _FG_MEMBER.match(s))] += 1
+        count, version = layer_layout(members)
+        if self.version is not None and version != self.version:
+            self.add(f"sample is format {version} but its shard manifest is format {self.version} "
+                     "(a shard holds one version; `python -m manifests upgrade` rewrites whole shards)", key=key)
+        self.hist[count] += 1
 
 
 # -- one shard -----------------------------------------------------------------------------------
@@ -272,7 +295,7 @@ def validate_shard(shard: int, tar: Path | None, manifest: Path | None,
         add("manifest without tar")
         return result
 
-    checker = _SampleChecker(max_layers, add)
+    checker = _SampleChecker(max_layers, add, _version(result.manifest, "shard"))
     with open(tar, "rb") as raw:
         reader = HashingReader(raw)
         try:
@@ -315,6 +338,14 @@ def validate_shard(shard: int, tar: Path | None, manifest: Path | None,
     return result
 
 
+def _version(doc: Any, kind: str) -> int | None:
+    """The format version a document names, None when it names none that is known."""
+    try:
+        return schema_version(doc.get("schema"), kind) if isinstance(doc, dict) else None
+    except FormatError:
+        return None
+
+
 def _validate_shard_args(args: tuple[int, Path | None, Path | None, int | None]) -> ShardResult:
     return validate_shard(*args)
 
@@ -338,7 +369,9 @@ def _identity_text(identity: Any) -> str:
         return repr(identity)
     ckpt = identity.get("checkpoint")
     ckpt_text = f"{ckpt.get('name')}@{str(ckpt.get('sha256'))[:12]}" if isinstance(ckpt, dict) else "-"
-    return f"{identity.get('backend')} model={identity.get('model')} checkpoint={ckpt_text} v{identity.get('version')}"
+    licence = f" licence={identity.get('licence')}" if identity.get("licence") else ""
+    return (f"{identity.get('backend')} model={identity.get('model')} checkpoint={ckpt_text}{licence} "
+            f"v{identity.get('version')}")
 
 
 def _cross_shard(results: list[ShardResult], add: Callable[..., None], compare_configs: bool) -> None:
@@ -400,6 +433,16 @@ def _check_index(index: Any, results: list[ShardResult], add: Callable[..., None
     for shard in sorted(set(by_shard) - set(numbers)):
         add("shard is missing from manifest.json", shard=shard)
     manifests = [m for m in by_shard.values() if m is not None]
+    index_version = _version(index, "dataset")
+    for r in results:
+        shard_version = _version(r.manifest, "shard")
+        if index_version is not None and shard_version is not None and shard_version != index_version:
+            add(f"shard manifest is format {shard_version} but manifest.json is format {index_version} "
+                "(an unfinished `python -m manifests upgrade`? rerun it)", shard=r.shard)
+    if index_version is not None and index_version >= 2 and isinstance(index.get("stages"), dict):
+        expected_stages = stage_identities([by_shard[n] for n in sorted(by_shard) if by_shard[n] is not None])
+        if index["stages"] != expected_stages:
+            add("manifest.json stages differ from the stage identities the shard manifests record")
     config_sha = index.get("config_sha256")
     for r in results:
         if r.manifest is not None and r.manifest.get("config_sha256") != config_sha:

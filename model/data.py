@@ -3,24 +3,23 @@
 Shards are read straight from local paths, brace patterns (``data/shards/{000000..000009}.tar``),
 URLs webdataset can open, or a dataset folder through its ``manifest.json``. Per sample:
 
-1. decode the members with :meth:`datagen.format.LayerSample.from_members` and check what the
-   loader relies on; a violation raises :class:`ShardFormatError` naming the shard and the key;
+1. decode the members (format 1 or 2) with :func:`datagen.format.read_sample` and check what the
+   loader relies on; a violation raises :class:`ShardFormatError` naming the shard, key and member;
 2. resize (short side) and crop to the model's resolution, identically for every layer; foregrounds
-   are resized premultiplied by their mask, so edges keep their colour;
+   are resized premultiplied by their alpha, so edges keep their colour;
 3. flip horizontally, the whole layer stack at once (so every layer of a sample flips together);
-4. present each foreground with its colour extended outside its mask (``fg_fill="nearest"``): the
-   format's black-outside foreground would make a black object indistinguishable from its
-   surroundings; the mask layer carries the shape;
+4. present each foreground with its colour extended where it is transparent (``fg_fill="nearest"``):
+   the format's black-outside foreground would make a black object indistinguishable from its
+   surroundings; the mask layer carries the shape as the layer's continuous alpha;
 5. pad K foregrounds to ``max_layers`` with a presence mask, and drop captions for classifier-free
    guidance (all prompts together, the global prompt alone, each layer prompt alone).
 
 Layer order in a ``(L, 3, H, W)`` tensor, L = 1 + 2*K_max: 0 = background, 1..K_max =
-foregrounds, K_max+1..2*K_max = masks (the mask replicated to 3 channels, -1 out / +1 in).
+foregrounds, K_max+1..2*K_max = masks (the alpha replicated to 3 channels, -1 transparent .. +1 opaque).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -34,14 +33,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import webdataset as wds
-from PIL import Image
 from scipy import ndimage
 
-from datagen.format import DATASET_SCHEMA, LayerSample
+from datagen.format import FormatError, LayerSample, read_sample, schema_version
 
 FG_FILLS = ("nearest", "mean", "contrast", "gray", "zero")
 PAD_FOREGROUND = 0.0  # value of an absent foreground layer, in [-1, 1]
 PAD_MASK = -1.0  # value of an absent mask layer: empty
+VISIBLE_ALPHA = 1e-3  # where a resized layer's colour is its own (below: filled per fg_fill)
 
 
 class ShardFormatError(ValueError):
@@ -104,8 +103,10 @@ def read_manifest(manifest: str | os.PathLike) -> list[str]:
     """The shard paths listed by a dataset index (``OUT/manifest.json``), checked to exist."""
     manifest = Path(manifest)
     index = json.loads(manifest.read_text())
-    if index.get("schema") != DATASET_SCHEMA:
-        raise ShardFormatError(f"{manifest}: schema {index.get('schema')!r}, expected {DATASET_SCHEMA!r}")
+    try:
+        schema_version(index.get("schema"), "dataset")
+    except FormatError as err:
+        raise ShardFormatError(f"{manifest}: {err.detail}") from None
     root, urls = manifest.parent, []
     for entry in index.get("shards", []):
         name = entry["shard"] if isinstance(entry, dict) else entry
@@ -156,37 +157,15 @@ def _read_shards(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 def decode(raw: dict[str, Any], max_layers: int | None = None) -> LayerSample:
     """A raw webdataset sample -> LayerSample, checked; ShardFormatError names shard and key."""
-    url, key = raw.get("__url__", "?"), raw.get("__key__", "?")
-    key = os.path.basename(key)
-    members = {k: v for k, v in raw.items() if not k.startswith("__")}
+    url, key = raw.get("__url__", "?"), os.path.basename(raw.get("__key__", "?"))
     try:
-        sample = LayerSample.from_members(key, members)
-        problems = light_check(sample, max_layers)
-    except ShardFormatError:
-        raise
-    except Exception as exn:  # bad PNG, bad JSON, missing member, ...
-        culprit = _undecodable_member(members)
-        what = f"member {key}.{culprit} does not decode" if culprit else f"{type(exn).__name__}: {exn}"
-        raise ShardFormatError(f"shard {url}, sample {key}: {what}") from exn
+        sample = read_sample(raw, key=key, where=url)
+    except FormatError as exn:  # bad PNG, bad JSON, missing member, unknown version, wrong size
+        raise ShardFormatError(f"shard {url}, sample {key}: {exn.located(shard=False, key=False)}") from exn
+    problems = light_check(sample, max_layers)
     if problems:
         raise ShardFormatError(f"shard {url}, sample {key}: " + "; ".join(problems))
     return sample
-
-
-def _undecodable_member(members: dict[str, bytes]) -> str | None:
-    """The first member that is not a readable PNG / JSON / UTF-8 text, if any."""
-    for suffix, data in members.items():
-        try:
-            if suffix.endswith(".png"):
-                with Image.open(io.BytesIO(data)) as img:
-                    img.load()
-            elif suffix == "json":
-                json.loads(data.decode("utf-8"))
-            elif suffix == "txt":
-                data.decode("utf-8")
-        except Exception:
-            return suffix
-    return None
 
 
 def light_check(sample: LayerSample, max_layers: int | None = None) -> list[str]:
@@ -203,9 +182,7 @@ def light_check(sample: LayerSample, max_layers: int | None = None) -> list[str]
     layers = sample.meta.get("layers", [])
     for n, (fg, mask) in enumerate(zip(sample.foregrounds, sample.masks, strict=True)):
         if fg.shape != (h, w, 3) or mask.shape != (h, w):
-            problems.append(f"fg.{n}/mask.{n} shapes {fg.shape}/{mask.shape} != image ({h}, {w})")
-        elif not np.isin(mask, (0, 255)).all():
-            problems.append(f"mask.{n} is not binary (0/255)")
+            problems.append(f"layer {n} colour/alpha shapes {fg.shape}/{mask.shape} != image ({h}, {w})")
         if n < len(layers) and layers[n].get("index") != n:
             problems.append(f"json layers[{n}].index is {layers[n].get('index')}")
     return problems
@@ -287,15 +264,13 @@ def to_example(sample: LayerSample, resolution: int, max_layers: int, fg_fill: s
     layers[1:1 + max_layers] = (PAD_FOREGROUND + 1) / 2
     layers[1 + max_layers:] = (PAD_MASK + 1) / 2
     for n in range(k):
-        inside = alphas[n] >= 0.5
-        colour = premult[n] / alphas[n].clamp_min(1e-3)  # un-premultiply
-        colour = torch.where(alphas[n] > 1e-3, colour, torch.zeros_like(colour)).clamp(0, 1)
-        if not bool(inside.any()) and bool((alphas[n] > 1e-3).any()):  # vanished at this size
-            inside_for_fill = alphas[n] >= alphas[n].max()
-        else:
-            inside_for_fill = inside
-        layers[1 + n] = fill_outside(colour, inside_for_fill, fg_fill)
-        layers[1 + max_layers + n] = inside.float()[None].expand(3, -1, -1)
+        # Straight colour wherever the layer has any alpha; the alpha itself is the mask target,
+        # continuous (soft edges stay soft, binary format-1 alpha only blurs where resized).
+        visible = alphas[n] > VISIBLE_ALPHA
+        colour = premult[n] / alphas[n].clamp_min(VISIBLE_ALPHA)  # un-premultiply
+        colour = torch.where(visible, colour, torch.zeros_like(colour)).clamp(0, 1)
+        layers[1 + n] = fill_outside(colour, visible, fg_fill)
+        layers[1 + max_layers + n] = alphas[n].clamp(0, 1)[None].expand(3, -1, -1)
     layers = layers * 2 - 1
 
     present = torch.zeros(1 + 2 * max_layers, dtype=torch.bool)

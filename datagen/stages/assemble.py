@@ -15,6 +15,7 @@ import numpy as np
 from datagen.format import MIN_RECON_PSNR, SAMPLE_SCHEMA, LayerSample, check_sample, psnr
 from datagen.item import Detection, Item
 from datagen.registry import register
+from datagen.sources import provenance
 from datagen.stages.base import Stage
 
 
@@ -108,7 +109,7 @@ class LayerAssembler(Stage):
             if det.mask is None:
                 dropped.append(f"{det.phrase}: no mask")
                 continue
-            mask = np.where(det.mask > 0, 255, 0).astype(np.uint8)
+            mask = np.asarray(det.mask, dtype=np.uint8)  # 8-bit alpha, soft values kept as they are
             area = float((mask > 0).mean())
             if not p.min_area <= area <= p.max_area:
                 dropped.append(f"{det.phrase}: area {area:.4f} outside [{p.min_area}, {p.max_area}]")
@@ -124,7 +125,7 @@ class LayerAssembler(Stage):
             why = "; ".join(dropped[:3]) if dropped else "nothing detected"
             item.reject(self.stage, f"no foreground ({why})")
             return
-        if given_pixels:  # true layers: order and full (amodal) masks are known
+        if given_pixels:  # true layers: order and masks (amodal where the backend says so) are known
             layers = sorted(kept, key=lambda d: d.extra.get("depth", 0))
             fgs = [np.where(d.mask[..., None] > 0, d.pixels, 0).astype(np.uint8) for d in layers]
             masks = [d.mask for d in layers]
@@ -144,11 +145,12 @@ class LayerAssembler(Stage):
                     dropped.append(f"{kept[idx].phrase}: mostly hidden")
                     continue
                 layers.append(kept[idx])
-                masks.append(np.where(visible, 255, 0).astype(np.uint8))
+                masks.append(np.where(visible, kept[idx].mask, 0).astype(np.uint8))
             if not layers:
                 item.reject(self.stage, "no foreground (all layers hidden)")
                 return
-            fgs = [np.where(m[..., None] > 0, image, 0).astype(np.uint8) for m in masks]
+            fgs = [np.where(m[..., None] > 0, image if d.pixels is None else d.pixels, 0).astype(np.uint8)
+                   for d, m in zip(layers, masks)]
             # Keep the filled background only near kept layers: elsewhere (dropped detections,
             # wide inpainting rings) the source is the truer background.
             union = np.zeros((h, w), np.uint8)
@@ -177,13 +179,18 @@ class LayerAssembler(Stage):
         image = item.image
         h, w = image.shape[:2]
         layer_meta = []
+        given_pixels = all(d.pixels is not None for d in layers)
         for n, (det, mask) in enumerate(zip(layers, masks)):
             ys, xs = np.nonzero(mask)
+            # Layers cut here are what the image shows; only true layers keep a backend's
+            # "amodal" (the whole object, also where layers in front hide it).
+            extent = det.extra.get("extent", "visible") if given_pixels else "visible"
             layer_meta.append({
+                **{k: v for k, v in det.extra.items() if k not in ("depth", "extent")},
                 "index": n, "phrase": det.phrase, "caption": det.caption or det.phrase,
                 "box": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
                 "score": round(float(det.score), 4), "area": round(float((mask > 0).mean()), 6),
-                **{k: v for k, v in det.extra.items() if k != "depth"},
+                "extent": extent,
             })
         sample = LayerSample(key=item.key, image=image, background=bg, foregrounds=fgs, masks=masks,
                              caption=item.caption, meta={})
@@ -195,7 +202,7 @@ class LayerAssembler(Stage):
             "schema": SAMPLE_SCHEMA, "key": item.key, "width": w, "height": h, "caption": item.caption,
             "background": {"caption": item.background_caption},
             "layers": layer_meta,
-            "source": {"uri": item.uri, "sha256": item.sha256, **({"meta": item.source_meta} if item.source_meta else {})},
+            "source": {"uri": item.uri, "sha256": item.sha256, **provenance(item.source_meta)},
             "quality": quality,
         }
         return sample

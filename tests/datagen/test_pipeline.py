@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datagen.format import LayerSample, check_sample, compose_uint8, member_suffixes, psnr
+from datagen.format import check_sample, compose_uint8, member_suffixes, psnr, read_sample
 from datagen.runner import run
 from datagen.scenes import make_scene
 from datagen.writer import read_verified_manifest
@@ -22,7 +23,8 @@ from tests.datagen.helpers import ROOT, load_json, png, read_shard, small_config
 
 def _check_dataset(out: Path, shards: int, per_shard: int) -> list[str]:
     index = load_json(out / "manifest.json")
-    assert index["schema"] == "layerdiff-dataset/1"
+    assert index["schema"] == "layerdiff-dataset/2"
+    assert index["stages"]["segment"] == [{"backend": "truth", "model": None, "checkpoint": None, "version": "1"}]
     assert [s["shard"] for s in index["shards"]] == list(range(shards))
     keys: list[str] = []
     for s in range(shards):
@@ -36,12 +38,14 @@ def _check_dataset(out: Path, shards: int, per_shard: int) -> list[str]:
         # members of a sample are contiguous, in the documented order
         pos = 0
         for key, members in samples.items():
-            suffixes = member_suffixes(len(members) // 2 - 2)
+            suffixes = member_suffixes(len(json.loads(members["json"])["layers"]))
+            assert suffixes == ["image.png", "bg.png", "layers.png", "txt", "json"]
             assert names[pos:pos + len(suffixes)] == [f"{key}.{x}" for x in suffixes]
             pos += len(suffixes)
-            sample = LayerSample.from_members(key, members)
+            sample = read_sample(members, key=key)
             assert check_sample(sample, max_layers=3) == []
-            assert set(np.unique(np.concatenate([m.ravel() for m in sample.masks]))) <= {0, 255}
+            assert [layer["extent"] for layer in sample.meta["layers"]] == ["amodal"] * sample.num_layers
+            assert sample.meta["source"]["uri"].startswith("scene-gt:")
             assert psnr(compose_uint8(sample.background, sample.foregrounds, sample.masks), sample.image) >= 30
         keys += manifest["keys"]
     assert len(keys) == len(set(keys))
@@ -61,9 +65,11 @@ def test_synthetic_gt_local_engine_writes_true_layers(tmp_path: Path):
     members = samples["gt-scene-000003"]
     assert np.array_equal(png(members["image.png"]), scene.image)
     assert np.array_equal(png(members["bg.png"]), scene.background)
+    stack = png(members["layers.png"])  # the layers, RGBA, stacked top to bottom
+    assert stack.shape == (48 * len(scene.masks), 48, 4)
     for n, mask in enumerate(scene.masks):
-        assert np.array_equal(png(members[f"mask.{n}.png"]), mask)
-        assert np.array_equal(png(members[f"fg.{n}.png"]), scene.foregrounds[n])
+        assert np.array_equal(stack[48 * n:48 * (n + 1), :, 3], mask)
+        assert np.array_equal(stack[48 * n:48 * (n + 1), :, :3], scene.foregrounds[n])
     assert members["txt"].decode() == scene.caption
 
 
@@ -131,9 +137,12 @@ def test_ray_engine_matches_local_engine(tmp_path: Path, ray_local):
     urls = [str(tmp_path / "ray" / "shards" / f"{s:06d}.tar") for s in range(2)]
     wds_keys = [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False, empty_check=False)]
     assert wds_keys == [f"gt-scene-{i:06d}" for i in range(12)]
-    sample = next(iter(wds.WebDataset(urls[:1], shardshuffle=False).decode("rgb8")))
-    assert sample["bg.png"].shape == (48, 48, 3) and "mask.0.png" in sample
-    # variable layer counts: read the fixed members (decoded) through Ray Data
-    rows = ray.data.read_webdataset(urls, suffixes=["image.png", "bg.png", "json"]).take_all()
+    sample = next(iter(wds.WebDataset(urls[:1], shardshuffle=False).decode("rgba8")))
+    assert read_sample(sample).rgba().shape[1:] == (48, 48, 4)
+    # every sample has the same members whatever its layer count: Ray Data reads them all
+    rows = ray.data.read_webdataset(urls).take_all()
     assert sorted(r["__key__"] for r in rows) == wds_keys
-    assert rows[0]["bg.png"].shape == (48, 48, 3)
+    by_key = {r["__key__"]: read_sample(r) for r in rows}
+    _, samples = read_shard(tmp_path / "ray" / "shards" / "000000.tar")
+    for key, members in samples.items():
+        assert np.array_equal(by_key[key].rgba(), read_sample(members, key=key).rgba())

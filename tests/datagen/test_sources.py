@@ -56,6 +56,10 @@ def test_bad_input_corpus_is_rejected_or_normalised(tmp_path: Path):
     if "file:huge_caption.png" in meta:
         assert len(meta["file:huge_caption.png"]["caption"]) <= 2000
         assert meta["file:huge_caption.png"]["quality"]["caption_truncated"] is True
+    # provenance from a folder's sidecar json; none where there is no sidecar
+    if "file:alpha.png" in meta:
+        assert meta["file:alpha.png"]["source"]["licence"] == "cc0"
+    assert all(m["source"]["url"] == "" for m in meta.values())
     # EXIF orientation applied: the red square is back at the top left
     key = refs["file:exif_rotated.jpg"]
     if key in samples:
@@ -85,7 +89,10 @@ def test_tar_source_with_brace_pattern_and_unsafe_members(tmp_path: Path):
     for members in samples.values():
         meta = json.loads(members["json"])
         assert meta["caption"] == "a red square on a green background"
-        assert meta["source"]["meta"]["url"].startswith("http://example.invalid")
+        source = meta["source"]  # provenance from img2dataset's json, and that json itself
+        assert source["url"] == "http://example.invalid/0.jpg" and source["licence"] == "CC-BY-4.0"
+        assert source["caption"] == "red square, green" and source["uri"].endswith("#000000000")
+        assert json.loads(source["metadata"])["error_message"] is None
         assert meta["layers"][0]["phrase"] == "red square"
     assert validate_dataset(out).ok()
 

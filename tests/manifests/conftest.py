@@ -1,7 +1,9 @@
-"""A tiny writer of format-1 datasets for the manifests tests (no pipeline involved).
+"""A tiny writer of datasets (format 2, or format 1 on request) for the manifests tests (no
+pipeline involved).
 
 Samples are synthetic: a flat background and one or two solid rectangles composed over it with
-datagen.format.compose_uint8, optionally with a little noise so the recorded PSNR is finite.
+datagen.format.compose_uint8, optionally with a little noise so the recorded PSNR is finite. In
+format 2 each rectangle has a soft (half-transparent) one-pixel rim; in format 1 it is binary.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from datagen.format import DATASET_SCHEMA, SAMPLE_SCHEMA, SHARD_SCHEMA, LayerSample, compose_uint8, psnr
+from datagen.format import LayerSample, compose_uint8, psnr, schema_string
+from datagen.writer import stage_identities
 
 STAGE_IDS = {
     "decode": {"backend": "pil", "model": None, "checkpoint": None, "version": "1"},
@@ -29,6 +32,8 @@ STAGE_IDS = {
     "inpaint": {"backend": "telea", "model": None, "checkpoint": None, "version": "1"},
     "assemble": {"backend": "default", "model": None, "checkpoint": None, "version": "1"},
 }
+STAGE_IDS_V2 = {**STAGE_IDS, "segment": {**STAGE_IDS["segment"], "licence": "Apache-2.0"}}
+RIM_ALPHA = 128  # format 2: the alpha of each rectangle's one-pixel rim
 CONFIG = {"image_size": 64, "max_layers": 3, "shard_size": 3}
 CONFIG_SHA = hashlib.sha256(json.dumps(CONFIG, sort_keys=True).encode()).hexdigest()
 
@@ -36,8 +41,10 @@ MembersHook = Callable[[str, dict[str, bytes]], dict[str, bytes]]
 OrderHook = Callable[[list[tuple[str, bytes]]], list[tuple[str, bytes]]]
 
 
-def make_sample(key: str, seed: int, num_layers: int = 2, size: int = 64, noise: bool = False) -> LayerSample:
-    """A flat background with ``num_layers`` solid rectangles; meta consistent with the pixels."""
+def make_sample(key: str, seed: int, num_layers: int = 2, size: int = 64, noise: bool = False,
+                version: int = 2) -> LayerSample:
+    """A flat background with ``num_layers`` solid rectangles (soft-rimmed in format 2); meta
+    consistent with the pixels."""
     rng = np.random.default_rng(seed)
     bg = np.empty((size, size, 3), np.uint8)
     bg[:] = rng.integers(0, 256, 3)
@@ -47,6 +54,10 @@ def make_sample(key: str, seed: int, num_layers: int = 2, size: int = 64, noise:
         x1, y1 = x0 + int(rng.integers(8, size // 2)), y0 + int(rng.integers(8, size // 2))
         mask = np.zeros((size, size), np.uint8)
         mask[y0:y1, x0:x1] = 255
+        if version >= 2:
+            mask[y0 + 1:y1 - 1, x0 + 1:x1 - 1] = 255
+            mask[[y0, y1 - 1], x0:x1] = RIM_ALPHA
+            mask[y0:y1, [x0, x1 - 1]] = RIM_ALPHA
         fg = np.zeros_like(bg)
         fg[mask > 0] = rng.integers(0, 256, 3)
         fgs.append(fg)
@@ -54,15 +65,20 @@ def make_sample(key: str, seed: int, num_layers: int = 2, size: int = 64, noise:
         layers.append({"index": n, "phrase": f"box {n}", "caption": f"a box number {n}",
                        "box": [x0, y0, x1, y1], "score": 0.9,
                        "area": float(np.count_nonzero(mask)) / (size * size), "extra_number": 1})
+        if version >= 2:
+            layers[-1]["extent"] = "visible"
     image = compose_uint8(bg, fgs, masks)
     if noise:
         image = np.clip(image.astype(np.int16) + rng.integers(-2, 3, image.shape), 0, 255).astype(np.uint8)
     caption = f"{num_layers} boxes on a flat background"
     sample = LayerSample(key, image, bg, fgs, masks, caption)
+    source = {"uri": f"file:///src/{key}.png", "sha256": hashlib.sha256(key.encode()).hexdigest()}
+    if version >= 2:
+        source.update(url=f"https://example.com/{key}.jpg", licence="CC-BY-4.0", caption=f"photo {key}",
+                      metadata=json.dumps({"url": f"https://example.com/{key}.jpg"}))
     sample.meta = {
-        "schema": SAMPLE_SCHEMA, "key": key, "width": size, "height": size, "caption": caption,
-        "background": {"caption": "a flat background"}, "layers": layers,
-        "source": {"uri": f"file:///src/{key}.png", "sha256": hashlib.sha256(key.encode()).hexdigest()},
+        "schema": schema_string(version), "key": key, "width": size, "height": size, "caption": caption,
+        "background": {"caption": "a flat background"}, "layers": layers, "source": source,
         "quality": {"recon_psnr": round(psnr(sample.recompose(), image), 3)},
         "stages_extra": {"ground": {"threshold": 0.3}},
     }
@@ -110,6 +126,8 @@ def write_dataset(out: Path, shards: list[list[LayerSample]], rejected: list[lis
                   index: bool = True) -> Dataset:
     """Write shards, their manifests and the index exactly as docs/FORMAT.md lays them out."""
     rejected = rejected if rejected is not None else [[] for _ in shards]
+    version = next((s.version for shard in shards for s in shard), 2)
+    stage_ids = STAGE_IDS_V2 if version >= 2 else STAGE_IDS
     (out / "shards").mkdir(parents=True, exist_ok=True)
     (out / "manifests").mkdir(parents=True, exist_ok=True)
     entries = []
@@ -121,25 +139,27 @@ def write_dataset(out: Path, shards: list[list[LayerSample]], rejected: list[lis
         for s in samples:
             hist[str(s.num_layers)] = hist.get(str(s.num_layers), 0) + 1
         manifest = {
-            "schema": SHARD_SCHEMA, "shard": number, "sha256": hashlib.sha256(data).hexdigest(),
+            "schema": schema_string(version, "shard"), "shard": number, "sha256": hashlib.sha256(data).hexdigest(),
             "bytes": len(data), "samples": len(samples), "keys": [s.key for s in samples],
             "rejected": rejected[number], "layers": hist, "config_sha256": CONFIG_SHA,
-            "stages": STAGE_IDS, "created": "2026-01-02T03:04:05Z", "seconds": 1.5,
+            "stages": stage_ids, "created": "2026-01-02T03:04:05Z", "seconds": 1.5,
         }
         (out / "manifests" / f"{number:06d}.json").write_text(json.dumps(manifest, indent=1))
         entries.append({k: manifest[k] for k in ("shard", "samples", "bytes", "sha256")})
     if index:
-        doc = {"schema": DATASET_SCHEMA, "config": CONFIG, "config_sha256": CONFIG_SHA, "shards": entries,
+        doc = {"schema": schema_string(version, "dataset"), "config": CONFIG, "config_sha256": CONFIG_SHA, "shards": entries,
                "totals": {"samples": sum(e["samples"] for e in entries),
                           "rejected": sum(len(r) for r in rejected),
                           "bytes": sum(e["bytes"] for e in entries)}}
+        if version >= 2:
+            doc["stages"] = stage_identities([{"stages": stage_ids}] * len(entries))
         (out / "manifest.json").write_text(json.dumps(doc, indent=1))
     return Dataset(out, shards, rejected)
 
 
-def default_shards() -> list[list[LayerSample]]:
+def default_shards(version: int = 2) -> list[list[LayerSample]]:
     """Two shards of three samples, 1 or 2 layers, some noisy."""
-    return [[make_sample(f"s{i:04d}", seed=i, num_layers=1 + i % 2, noise=i % 3 == 2)
+    return [[make_sample(f"s{i:04d}", seed=i, num_layers=1 + i % 2, noise=i % 3 == 2, version=version)
              for i in range(j * 3, j * 3 + 3)] for j in range(2)]
 
 

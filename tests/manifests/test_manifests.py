@@ -80,19 +80,20 @@ def test_flipped_byte_is_sha_mismatch(dataset, capsys):
     assert not shard_done(dataset.out, 1) and shard_done(dataset.out, 0)
 
 
-def test_flipped_byte_in_png_names_key(dataset, capsys):
+@pytest.mark.parametrize("member", ["layers.png", "bg.png"])
+def test_flipped_byte_in_png_names_key(dataset, capsys, member):
     tar = dataset.tar(0)
     with tarfile.open(tar) as t:
-        info = t.getmember("s0001.mask.0.png")
+        info = t.getmember(f"s0001.{member}")
     _flip_byte(tar, info.offset_data + 40)
     code, out = run(capsys, "validate", str(dataset.out), "-q")
     assert code == 1
-    assert any(line.startswith("ERROR shard 000000 key s0001: member s0001.mask.0.png is unreadable")
+    assert any(line.startswith(f"ERROR shard 000000 key s0001: member s0001.{member} is unreadable")
                for line in error_lines(out)), out
 
 
-def _corrupt_sample(make_dataset, index: int, edit) -> tuple[object, str]:
-    shards = make_dataset.default_shards()
+def _corrupt_sample(make_dataset, index: int, edit, version: int = 2) -> tuple[object, str]:
+    shards = make_dataset.default_shards(version)
     sample = [s for shard in shards for s in shard][index]
     edit(sample)
     return make_dataset(shards, rejected=[[], []]), sample.key
@@ -105,29 +106,34 @@ def _expect(capsys, out_dir: Path, where: str, text: str) -> None:
     assert hits, f"no '{where}: ...{text}' in:\n{out}"
 
 
-def test_non_binary_mask(make_dataset, capsys):
+def test_format1_mask_must_be_binary(make_dataset, capsys):
     def edit(s):
         ys, xs = np.nonzero(s.masks[0])
         s.masks[0][ys[0], xs[0]] = 128
-    ds, key = _corrupt_sample(make_dataset, 4, edit)
+    ds, key = _corrupt_sample(make_dataset, 4, edit, version=1)
     _expect(capsys, ds.out, f"shard 000001 key {key}", "mask.0 is not binary")
 
 
-def test_fg_outside_mask(make_dataset, capsys):
+@pytest.mark.parametrize(("version", "message"), [
+    (1, "fg.0 has non-zero pixels outside its mask"),
+    (2, "layer 0 has colour where its alpha is 0"),
+])
+def test_colour_where_transparent(make_dataset, capsys, version, message):
     def edit(s):
         ys, xs = np.nonzero(s.masks[0] == 0)
         s.foregrounds[0][ys[0], xs[0]] = 7
-    ds, key = _corrupt_sample(make_dataset, 1, edit)
-    _expect(capsys, ds.out, f"shard 000000 key {key}", "fg.0 has non-zero pixels outside its mask")
+    ds, key = _corrupt_sample(make_dataset, 1, edit, version=version)
+    _expect(capsys, ds.out, f"shard 000000 key {key}", message)
 
 
-def test_missing_member(make_dataset, capsys):
+@pytest.mark.parametrize(("version", "member"), [(1, "mask.1.png"), (2, "layers.png")])
+def test_missing_member(make_dataset, capsys, version, member):
     def drop(key, members):
-        return {k: v for k, v in members.items() if not (key == "s0003" and k == "mask.1.png")}
-    shards = make_dataset.default_shards()
+        return {k: v for k, v in members.items() if not (key == "s0003" and k == member)}
+    shards = make_dataset.default_shards(version)
     assert shards[1][0].key == "s0003" and shards[1][0].num_layers == 2
     ds = make_dataset(shards, members_hook=drop)
-    _expect(capsys, ds.out, "shard 000001 key s0003", "missing member s0003.mask.1.png")
+    _expect(capsys, ds.out, "shard 000001 key s0003", f"missing member s0003.{member}")
 
 
 def test_unexpected_member(make_dataset, capsys):
@@ -155,7 +161,7 @@ def test_non_contiguous_key(make_dataset, capsys):
 
 def test_duplicate_member(make_dataset, capsys):
     ds = make_dataset(make_dataset.default_shards(), order_hook=lambda e: e[:3] + [e[2]] + e[3:])
-    _expect(capsys, ds.out, "shard 000000 key s0000", "duplicate member s0000.fg.0.png")
+    _expect(capsys, ds.out, "shard 000000 key s0000", "duplicate member s0000.layers.png")
 
 
 def test_empty_shard_is_valid(make_dataset, capsys):
@@ -266,8 +272,7 @@ def test_iter_tar_samples_groups_and_flags(dataset):
     groups = list(iter_tar_samples(dataset.tar(0)))
     assert [g.key for g in groups] == ["s0000", "s0001", "s0002"]
     assert all(not g.problems for g in groups)
-    assert set(groups[1].members) == {"image.png", "bg.png", "fg.0.png", "mask.0.png", "fg.1.png",
-                                      "mask.1.png", "txt", "json"}
+    assert set(groups[1].members) == {"image.png", "bg.png", "layers.png", "txt", "json"}
 
 
 def test_validate_document_names_json_path():
@@ -298,10 +303,12 @@ def test_summary(dataset, capsys):
     assert s["rejections"][0] == {"stage": "ground", "reason": "no detection above threshold <n>", "count": 2,
                                   "example": "no detection above threshold 0.35 (ground.py:41)"}
     assert s["stages"]["segment"][0]["checkpoint"].startswith("sam_vit_b.pth sha256:abab")
+    assert s["stages"]["segment"][0]["licence"] == "Apache-2.0"
     code, out = run(capsys, "summary", str(dataset.out))
     assert code == 0
     assert "shards 2  samples 6  rejected 3" in out
     assert "no detection above threshold <n>" in out
+    assert "checkpoint=sam_vit_b.pth sha256:abababababab  licence=Apache-2.0" in out
     code, out = run(capsys, "summary", str(dataset.out), "--json")
     assert json.loads(out)["totals"] == s["totals"]
 
@@ -324,9 +331,9 @@ def test_preview(dataset, tmp_path, capsys):
         assert np.array_equal(cell(1), s.background)
         assert np.array_equal(cell(num_columns(s.num_layers) - 1), s.image)  # recomposed == image (no noise)
         fg_cell = cell(2)
-        inside = s.masks[0] > 0
+        inside = s.masks[0] == 255
         assert np.array_equal(fg_cell[inside], s.foregrounds[0][inside])
-        assert set(np.unique(fg_cell[~inside])) <= {153, 204}  # checkerboard outside the mask
+        assert set(np.unique(fg_cell[s.masks[0] == 0])) <= {153, 204}  # checkerboard outside the layer
         assert np.array_equal(cell(2 + s.num_layers)[..., 0], s.masks[0])
 
 

@@ -1,8 +1,9 @@
 """Tiny layered shards for the training tests, written from plain arrays with tarfile.
 
-The writer here follows docs/FORMAT.md directly (members KEY.image.png, KEY.bg.png, KEY.fg.N.png,
-KEY.mask.N.png, KEY.txt, KEY.json, contiguous per sample), independently of the project's
-writers, so the loader is tested against the layout rather than against itself.
+The writer here follows docs/FORMAT.md directly (format 2: members KEY.image.png, KEY.bg.png,
+KEY.layers.png (the RGBA layers stacked top to bottom), KEY.txt, KEY.json; format 1: KEY.fg.N.png
+and KEY.mask.N.png instead of KEY.layers.png; contiguous per sample), independently of the
+project's writers, so the loader is tested against the layout rather than against itself.
 """
 
 from __future__ import annotations
@@ -23,31 +24,36 @@ COLOURS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (50, 170, 70), 
 
 def png(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(array, mode="L" if array.ndim == 2 else "RGB").save(buf, format="PNG")
+    mode = "L" if array.ndim == 2 else "RGB" if array.shape[2] == 3 else "RGBA"
+    Image.fromarray(array, mode=mode).save(buf, format="PNG")
     return buf.getvalue()
 
 
 def make_members(key: str, size: int = 32, objects: Sequence[tuple[str, tuple[int, int, int, int]]] = (),
-                 bg: str = "blue") -> dict[str, bytes]:
+                 bg: str = "blue", version: int = 2) -> dict[str, bytes]:
     """One sample's members: a flat background and flat rectangles (colour, (y0, x0, y1, x1))."""
     background = np.zeros((size, size, 3), np.uint8) + np.array(COLOURS[bg], np.uint8)
     image = background.copy()
     members = {"image.png": b"", "bg.png": png(background)}
-    layers = []
+    layers, rgba = [], []
     for n, (colour, (y0, x0, y1, x1)) in enumerate(objects):
         mask = np.zeros((size, size), np.uint8)
         mask[y0:y1, x0:x1] = 255
         fg = np.zeros((size, size, 3), np.uint8)
         fg[mask > 0] = COLOURS[colour]
         image[mask > 0] = COLOURS[colour]
-        members[f"fg.{n}.png"] = png(fg)
-        members[f"mask.{n}.png"] = png(mask)
+        if version == 1:
+            members[f"fg.{n}.png"] = png(fg)
+            members[f"mask.{n}.png"] = png(mask)
+        rgba.append(np.dstack([fg, mask]))
         layers.append({"index": n, "phrase": f"{colour} square", "caption": f"a {colour} square",
-                       "box": [x0, y0, x1, y1], "score": 1.0, "area": int((mask > 0).sum())})
+                       "box": [x0, y0, x1, y1], "score": 1.0, "area": int((mask > 0).sum()), "extent": "visible"})
+    if version == 2 and rgba:
+        members["layers.png"] = png(np.concatenate(rgba))
     members["image.png"] = png(image)
     caption = " and ".join(f"a {c} square" for c, _ in reversed(objects)) + f" on a {bg} background"
     members["txt"] = caption.encode()
-    members["json"] = json.dumps({"schema": "layerdiff/1", "key": key, "width": size, "height": size,
+    members["json"] = json.dumps({"schema": f"layerdiff/{version}", "key": key, "width": size, "height": size,
                                   "caption": caption, "background": {"caption": f"a {bg} background"},
                                   "layers": layers, "quality": {"recon_psnr": 100.0}}).encode()
     return members
@@ -90,5 +96,5 @@ def write_dataset(root: Path, shards: int = 2, per_shard: int = 6, size: int = 3
         data = path.read_bytes()
         entries.append({"shard": s, "samples": per_shard, "bytes": len(data),
                         "sha256": hashlib.sha256(data).hexdigest()})
-    (root / "manifest.json").write_text(json.dumps({"schema": "layerdiff-dataset/1", "shards": entries}))
+    (root / "manifest.json").write_text(json.dumps({"schema": "layerdiff-dataset/2", "shards": entries}))
     return root

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,7 +20,7 @@ from model.data import (
     resolve_shards,
     to_example,
 )
-from tests.train.shards import make_members, write_dataset, write_tar
+from tests.train.shards import make_members, png, write_dataset, write_tar
 
 
 def _cfg(shards, **kw) -> DataConfig:
@@ -84,8 +85,10 @@ def test_resize_and_crop_keep_layers_aligned(tmp_path: Path) -> None:
     (ex,) = list(make_dataset(_cfg(str(shard)), train=False))
     fg, mask = ex["layers"][1], ex["layers"][4]
     assert fg.shape == (3, 32, 32)
-    assert set(mask.unique().tolist()) <= {-1.0, 1.0}  # binarised after resizing
-    assert int((mask[0] > 0).sum()) == 16 * 16
+    alpha = (mask[0] + 1) / 2  # the target is the resized alpha itself, not re-thresholded
+    assert torch.all(alpha[9:23, 5:19] == 1) and torch.all(alpha[:6] == 0) and torch.all(alpha[26:] == 0)
+    assert alpha.sum().item() == pytest.approx(16 * 16, abs=0.5)  # coverage kept through the resize
+    assert bool(((alpha > 0) & (alpha < 1)).any())  # the antialiased edge stays soft
     red = torch.tensor([220, 40, 40]) / 127.5 - 1
     assert torch.allclose(fg[:, 0, 0], red, atol=2e-2)  # edge colour not darkened by the zero fill
 
@@ -127,29 +130,26 @@ def test_split_by_node_gives_disjoint_shards(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage, message", [
-    ("truncated", r"shard .*bad\.tar(: unreadable after sample ok|, sample broken: .*missing member)"),
-    ("soft_mask", r"shard .*bad\.tar, sample broken: mask\.0 is not binary"),
-    ("missing_mask", r"shard .*bad\.tar, sample broken: .*missing member broken\.mask\.0\.png"),
-    ("bad_png", r"shard .*bad\.tar, sample broken: member broken\.fg\.0\.png does not decode"),
-    ("split_sample", r"shard .*bad\.tar, sample broken: .*missing member broken\.txt"),
+    ("truncated", r"shard .*bad\.tar(: unreadable after sample ok|, sample broken: member broken\..*: missing)"),
+    ("short_alpha", r"shard .*bad\.tar, sample broken: member broken\.layers\.png: is 32x30, expected 32x32"),
+    ("missing_layers", r"shard .*bad\.tar, sample broken: member broken\.layers\.png: missing"),
+    ("bad_png", r"shard .*bad\.tar, sample broken: member broken\.layers\.png: unreadable"),
+    ("unknown_version", r"shard .*bad\.tar, sample broken: member broken\.json: unknown format version"),
+    ("split_sample", r"shard .*bad\.tar, sample broken: member broken\.json: missing"),
     ("repeated_key", r"shard .*bad\.tar, sample ok: key appears twice"),
 ])
 def test_corrupt_shard_names_shard_and_key(tmp_path: Path, damage: str, message: str) -> None:
     good = make_members("ok", 32, [("red", (4, 4, 12, 12))])
     bad = make_members("broken", 32, [("red", (4, 4, 12, 12))])
     samples = [("ok", good), ("broken", bad)]
-    if damage == "soft_mask":
-        import numpy as np
-
-        from tests.train.shards import png
-
-        mask = np.zeros((32, 32), np.uint8)
-        mask[4:12, 4:12] = 128
-        bad["mask.0.png"] = png(mask)
-    elif damage == "missing_mask":
-        del bad["mask.0.png"]
+    if damage == "short_alpha":
+        bad["layers.png"] = png(np.zeros((30, 32, 4), np.uint8))
+    elif damage == "missing_layers":
+        del bad["layers.png"]
+    elif damage == "unknown_version":
+        bad["json"] = bad["json"].replace(b'"layerdiff/2"', b'"layerdiff/3"')
     elif damage == "bad_png":
-        bad["fg.0.png"] = b"not a png"
+        bad["layers.png"] = b"not a png"
     elif damage == "split_sample":
         first = {k: v for k, v in bad.items() if k in ("image.png", "bg.png")}
         rest = {k: v for k, v in bad.items() if k not in first}
@@ -157,12 +157,33 @@ def test_corrupt_shard_names_shard_and_key(tmp_path: Path, damage: str, message:
     elif damage == "repeated_key":
         samples = [("ok", good), ("broken", bad), ("ok", good)]
     path = write_tar(tmp_path / "bad.tar", samples)
-    if damage == "truncated":
-        data = path.read_bytes()
-        path.write_bytes(data[: len(data) // 2 + 100])
+    if damage == "truncated":  # cut inside a member's data (a cut between members reads as a shorter tar)
+        import tarfile
+
+        with tarfile.open(path) as tar:
+            cut = tar.getmember("broken.layers.png").offset_data + 20
+        path.write_bytes(path.read_bytes()[:cut])
     with pytest.raises(ShardFormatError, match=message):
         for _ in make_loader(_cfg(str(path), batch_size=1), train=False):
             pass
+
+
+def test_soft_alpha_and_format1_samples_load(tmp_path: Path) -> None:
+    """Format 2's soft alpha reaches the model as it is; format-1 shards still load (binary alpha)."""
+    soft = make_members("soft", 32, [("red", (4, 4, 12, 12))])
+    alpha = np.zeros((32, 32), np.uint8)
+    alpha[4:12, 4:12] = 255
+    alpha[3, 4:12] = 64  # a faint rim above the square
+    fg = np.zeros((32, 32, 3), np.uint8)
+    fg[alpha > 0] = (220, 40, 40)
+    soft["layers.png"] = png(np.dstack([fg, alpha]))
+    old = make_members("old", 32, [("red", (4, 4, 12, 12))], version=1)
+    shard = write_tar(tmp_path / "a.tar", [("soft", soft), ("old", old)])
+    soft_ex, old_ex = list(make_dataset(_cfg(str(shard)), train=False))
+    assert soft_ex["layers"][4][0, 3, 4].item() == pytest.approx(64 / 255 * 2 - 1, abs=1e-4)
+    assert torch.allclose(soft_ex["layers"][1][:, 3, 4], torch.tensor([220, 40, 40]) / 127.5 - 1, atol=1e-3)
+    assert torch.equal(soft_ex["layers"][4][:, 4:, :], old_ex["layers"][4][:, 4:, :])
+    assert set(old_ex["layers"][4].unique().tolist()) == {-1.0, 1.0}
 
 
 def test_manifest_size_mismatch_is_reported(tmp_path: Path) -> None:
