@@ -14,10 +14,10 @@ def _source_overrides(source: str | None, source_path: str | None) -> tuple[str 
     """SOURCE may be a kind (demo, folder, tars, synthetic-gt) or directly a folder / tar pattern."""
     if source is None or source in ("demo", "folder", "tars", "synthetic-gt"):
         return source, source_path
-    if Path(source).is_dir():
-        return "folder", source
-    if source.endswith(".tar") or "{" in source:
+    if source.endswith((".tar", ".tar.gz", ".tgz")) or "{" in source:
         return "tars", source
+    if Path(source).is_dir() or "://" in source:  # a local folder, or a folder URL (s3://bucket/raw)
+        return "folder", source
     raise ConfigError(f"--source: {source!r} is not a kind (demo, folder, tars, synthetic-gt), "
                       "a folder or a tar pattern")
 

@@ -174,7 +174,7 @@ def parse_config(doc: dict[str, Any] | None, overrides: dict[str, Any] | None = 
     if source.kind in ("folder", "tars"):
         if not source.path:
             raise ConfigError(f"source.path: required for source kind {source.kind!r}")
-        if source.kind == "folder" and not Path(source.path).is_dir():
+        if source.kind == "folder" and not _is_folder(source.path):
             raise ConfigError(f"source.path: folder {source.path!r} does not exist")
 
     image = _mapping(doc.get("image"), "image", {"size"})
@@ -216,6 +216,19 @@ def parse_config(doc: dict[str, Any] | None, overrides: dict[str, Any] | None = 
             params=params,
         )
     return cfg
+
+
+def _is_folder(path: str) -> bool:
+    """A local folder, or a folder of an fsspec URL (``s3://bucket/raw``, ``memory://raw``)."""
+    if "://" not in path:
+        return Path(path).is_dir()
+    import fsspec
+
+    try:
+        fs, inner = fsspec.core.url_to_fs(path)
+        return bool(fs.isdir(inner))
+    except (OSError, ValueError, ImportError):
+        return False
 
 
 def check_config(cfg: PipelineConfig) -> None:

@@ -9,7 +9,6 @@ pool. The batch is ``{"record": array of pickled Item}``; a backend only writes
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import traceback
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from datagen.hashing import file_sha256  # noqa: F401 - the model backends' checkpoint digests
 from datagen.item import Item
 
 
@@ -51,20 +51,6 @@ def limit_threads(num_cpus: float) -> int:
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # random or tiny weights make denormals, 10x slower on CPU
     return threads
-
-
-def file_sha256(path: str | Path, _cache: dict[tuple[str, float, int], str] = {}) -> str:  # noqa: B006
-    """sha256 of a file, cached by (path, mtime, size) since checkpoints are large."""
-    p = Path(path)
-    st = p.stat()
-    key = (str(p.resolve()), st.st_mtime, st.st_size)
-    if key not in _cache:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _cache[key] = h.hexdigest()
-    return _cache[key]
 
 
 class Stage:
