@@ -15,7 +15,7 @@ PIPELINE ?= pipelines/synthetic-gt.yaml
 else
 PIPELINE ?= pipelines/default.yaml
 endif
-ENGINE ?= ray
+ENGINE ?= auto
 PYTEST_ARGS ?=
 
 DATASET_ARGS = --config $(PIPELINE) --shards $(SHARDS) --engine $(ENGINE) \

@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--source-path", help="folder or tar pattern for --source folder|tars")
     run_p.add_argument("--out", help="output folder (default: data)")
     run_p.add_argument("--samples-per-shard", type=int)
-    run_p.add_argument("--engine", choices=("ray", "local"), default="ray",
-                       help="ray: Ray Data actor pools (default); local: in-process loop")
+    run_p.add_argument("--engine", choices=("auto", "ray", "local"), default="auto",
+                       help="auto (default): the in-process loop for small runs on one machine, else Ray; "
+                            "ray: Ray Data actor pools; local: in-process loop")
+    run_p.add_argument("--verify", action="store_true",
+                       help="re-hash complete shards instead of trusting their recorded size and mtime")
     run_p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     run_p.add_argument("--no-progress", action="store_true")
     backends_p = sub.add_parser("backends", help="list the registered stage backends")
@@ -71,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     from datagen.runner import PipelineError, run
 
     try:
-        summary = run(cfg, engine=args.engine, progress=not args.no_progress)
-    except PipelineError as err:
+        summary = run(cfg, engine=args.engine, progress=not args.no_progress, verify=args.verify)
+    except (PipelineError, OSError) as err:
         print(f"run stopped: {err}\n(complete shards are kept; fix the cause and rerun to finish)", file=sys.stderr)
         return 1
     print(summary.report())

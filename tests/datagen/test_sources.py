@@ -27,7 +27,8 @@ def test_bad_input_corpus_is_rejected_or_normalised(tmp_path: Path):
     corpus, outside, out = tmp_path / "corpus", tmp_path / "outside", tmp_path / "out"
     write_corpus(corpus, outside)
     before = _snapshot(corpus), _snapshot(outside), set(tmp_path.iterdir())
-    cfg = _config(out, source_kind="folder", source_path=str(corpus), shards=1, samples_per_shard=100)
+    cfg = _config(out, source_kind="folder", source_path=str(corpus), shards=1, samples_per_shard=100,
+                  max_rejection_rate=1.0)  # half of the corpus is bad on purpose
     run(cfg, engine="local", progress=False)
     # nothing changed in the source, nothing written outside OUT
     assert (_snapshot(corpus), _snapshot(outside)) == before[:2]
@@ -73,7 +74,7 @@ def test_tar_source_with_brace_pattern_and_unsafe_members(tmp_path: Path):
     (raw / "00002.tar").write_bytes(b"not a tar at all")
     out = tmp_path / "out"
     cfg = _config(out, source_kind="tars", source_path=str(raw / "{00000..00002}.tar"), shards=1,
-                  samples_per_shard=50)
+                  samples_per_shard=50, max_rejection_rate=1.0)  # most of these tars' items are bad on purpose
     run(cfg, engine="local", progress=False)
     manifest = load_json(out / "manifests" / "000000.json")
     assert manifest["samples"] == 2  # the one good sample of each tar
