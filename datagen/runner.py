@@ -16,9 +16,11 @@ import math
 import os
 import re
 import time
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -201,13 +203,15 @@ def run_local(cfg: PipelineConfig, items: list[Item], stats: StageStats | None =
         raise PipelineError(str(err)) from err
     busy = stats.busy if stats is not None else Counter()
     bs = max(cfg.stages[s].batch_size for s in STAGES)
-    for start in range(0, len(items), bs):
-        batch = items[start:start + bs]
-        try:
-            group.run_items(batch, busy)
-        except StageFault as err:
-            raise PipelineError(str(err)) from err
-        yield from batch
+    # batches never mix shards: a fault fails one shard, and each shard is written as soon as it is done
+    for _, shard_items in groupby(items, key=lambda it: it.shard):
+        chunk = list(shard_items)
+        for batch in (chunk[i:i + bs] for i in range(0, len(chunk), bs)):
+            try:
+                group.run_items(batch, busy)
+            except StageFault as err:
+                raise PipelineError(str(err)) from err
+            yield from batch
 
 
 def init_ray(cfg: PipelineConfig) -> bool:
@@ -243,18 +247,20 @@ def run_ray(cfg: PipelineConfig, items: list[Item], stats: StageStats | None = N
                              override_num_blocks=max(1, math.ceil(len(items) / block)))
     for group in stage_groups(cfg):
         scs = [cfg.stages[s] for s in group]
-        remote_args: dict[str, Any] = {"max_restarts": ACTOR_RESTARTS, "max_task_retries": ACTOR_RESTARTS}
-        if env := _runtime_env(group[0], scs[0]):
-            remote_args["runtime_env"] = env
+        env = _runtime_env(group[0], scs[0])
         # Fused stages run one after the other in an actor: it needs the largest share, not the sum;
         # the pool grows from one actor (a fast first result) to the group's total actor count.
         size = sum(sc.actors for sc in scs)
         compute = ray.data.ActorPoolStrategy(min_size=1, max_size=size) if len(group) > 1 and size > 1 \
             else ray.data.ActorPoolStrategy(size=scs[0].actors)
-        ds = ds.map_batches(StageGroup, fn_constructor_kwargs={"specs": group_specs(cfg, group)},
-                            compute=compute, batch_size=max(sc.batch_size for sc in scs), batch_format="numpy",
-                            num_cpus=max(sc.num_cpus for sc in scs), num_gpus=max(sc.num_gpus for sc in scs) or None,
-                            **remote_args)
+        with warnings.catch_warnings():
+            # Ray Data has no named parameter for bounded actor restarts yet (its default is unbounded)
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            ds = ds.map_batches(StageGroup, fn_constructor_kwargs={"specs": group_specs(cfg, group)},
+                                compute=compute, batch_size=max(sc.batch_size for sc in scs),
+                                batch_format="numpy", num_cpus=max(sc.num_cpus for sc in scs),
+                                num_gpus=max(sc.num_gpus for sc in scs) or None, runtime_env=env or None,
+                                ray_remote_args={"max_restarts": ACTOR_RESTARTS, "max_task_retries": ACTOR_RESTARTS})
     busy = stats.busy if stats is not None else Counter()
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
