@@ -260,7 +260,7 @@ def run_ray(cfg: PipelineConfig, items: list[Item], stats: StageStats | None = N
                                 compute=compute, batch_size=max(sc.batch_size for sc in scs),
                                 batch_format="numpy", num_cpus=max(sc.num_cpus for sc in scs),
                                 num_gpus=max(sc.num_gpus for sc in scs) or None, runtime_env=env or None,
-                                ray_remote_args={"max_restarts": ACTOR_RESTARTS, "max_task_retries": ACTOR_RESTARTS})
+                                max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
     busy = stats.busy if stats is not None else Counter()
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
