@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -40,10 +41,21 @@ class HashingReader:
 
 class HashingWriter(io.RawIOBase):
     """A write-only file wrapper that hashes and counts what passes through it, so a writer
-    knows its file's sha256 without reading the file back."""
+    knows its file's sha256 without reading the file back.
 
-    def __init__(self, f: IO[bytes]) -> None:
-        self._f, self.sha = f, hashlib.sha256()
+    Writes are gathered into blocks of ``block`` bytes; each block is hashed on a helper thread
+    (hashlib releases the GIL) while the caller goes on producing the next one, so hashing costs
+    little wall time next to writing. Call :meth:`close` (or leave the ``with`` block) before
+    :meth:`hexdigest`.
+    """
+
+    def __init__(self, f: IO[bytes], block: int = BLOCK) -> None:
+        super().__init__()
+        self._f, self._block, self.sha = f, block, hashlib.sha256()
+        self._buf: list[bytes] = []
+        self._buffered = 0
+        self._pending: Future[None] | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
         self.bytes = 0
 
     def writable(self) -> bool:
@@ -53,12 +65,40 @@ class HashingWriter(io.RawIOBase):
         return self.bytes
 
     def write(self, data: Any) -> int:
-        self.sha.update(data)
-        n = self._f.write(data)
-        self.bytes += len(data)
-        return n if n is not None else len(data)
+        n = len(data)
+        self._buf.append(bytes(data))
+        self._buffered += n
+        self.bytes += n
+        if self._buffered >= self._block:
+            self._flush_block()
+        return n
+
+    def _flush_block(self) -> None:
+        chunk, self._buf, self._buffered = b"".join(self._buf), [], 0
+        if self._pending is not None:
+            self._pending.result()  # blocks are hashed in order
+        self._pending = self._pool.submit(self.sha.update, chunk)
+        self._f.write(chunk)
+
+    def flush(self) -> None:
+        if self._buf:
+            self._flush_block()
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+        self._f.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self.flush()
+            finally:
+                self._pool.shutdown()
+                super().close()
 
     def hexdigest(self) -> str:
+        if self._buf or self._pending is not None:
+            raise RuntimeError("HashingWriter: flush() before hexdigest()")
         return self.sha.hexdigest()
 
 

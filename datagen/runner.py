@@ -313,7 +313,10 @@ def run(cfg: PipelineConfig, engine: str = "auto", progress: bool = True, verify
         if engine == "auto":
             engine, why = choose_engine(cfg, len(items))
             log.info("engine %s: %s", engine, why)
-        started_ray = engine == "ray" and init_ray(cfg)
+        try:
+            started_ray = engine == "ray" and init_ray(cfg)
+        except Exception as err:  # noqa: BLE001 - Ray's start-up raises bare Exceptions
+            raise PipelineError(f"Ray could not start: {type(err).__name__}: {err}") from err
         stream = run_ray(cfg, items) if engine == "ray" else run_local(cfg, items)
         try:
             failed = _write_as_completed(out, stream, expected, sha, stages, summary, progress, len(items),

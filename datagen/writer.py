@@ -23,7 +23,6 @@ from datagen.hashing import HashingWriter, file_sha256
 from datagen.item import Item
 
 TAR_MTIME = 0  # fixed member metadata: the same samples give byte-identical tars
-WRITE_BUFFER = 1 << 20  # tarfile writes 512-byte headers and 16 KiB blocks; batch them
 
 
 def shard_name(shard: int) -> str:
@@ -55,15 +54,14 @@ def write_shard(out: Path, shard: int, items: list[Item], config_sha256: str,
     final = tar_path(out, shard)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb", buffering=WRITE_BUFFER) as raw:
-            hashing = HashingWriter(raw)
+        with open(tmp, "wb", buffering=0) as raw, HashingWriter(raw) as hashing:
             with tarfile.open(fileobj=hashing, mode="w", format=tarfile.USTAR_FORMAT) as tf:
                 for it in accepted:
                     for suffix, data in it.members.items():
                         info = tarfile.TarInfo(f"{it.key}.{suffix}")
                         info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
                         tf.addfile(info, io.BytesIO(data))
-            raw.flush()
+            hashing.flush()
             os.fsync(raw.fileno())
         if tmp.stat().st_size != hashing.bytes:  # the temporary file was replaced or truncated meanwhile
             raise OSError(f"{tmp} holds {tmp.stat().st_size} bytes, {hashing.bytes} were written")
