@@ -68,6 +68,12 @@ clean-data:
 bench-pipeline: setup
 	$(PY) -m datagen.bench
 
+# ITEMS from img2dataset-layout tars through Ray Data: items/s, memory, per-stage utilisation.
+ITEMS ?= 10000
+.PHONY: bench-scale
+bench-scale: setup
+	$(PY) -m datagen.bench scale --items $(ITEMS)
+
 # Tiny random checkpoints in the real on-disk formats (weights/tiny), for pipelines/tiny.yaml.
 TINY_WEIGHTS ?= weights/tiny
 .PHONY: tiny-weights

@@ -78,7 +78,10 @@ class HashingWriter(io.RawIOBase):
         if self._pending is not None:
             self._pending.result()  # blocks are hashed in order
         self._pending = self._pool.submit(self.sha.update, chunk)
-        self._f.write(chunk)
+        view = memoryview(chunk)
+        while view:  # a raw file may write less than asked (a disk filling up): the next write raises
+            n = self._f.write(view)
+            view = view[n if n is not None else len(view):]
 
     def flush(self) -> None:
         if self._buf:

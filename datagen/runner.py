@@ -190,9 +190,10 @@ def stage_groups(cfg: PipelineConfig) -> list[list[str]]:
 
 @dataclass
 class StageStats:
-    """Seconds each stage was busy, summed over items (for per-stage utilisation)."""
+    """Seconds each stage was busy, summed over items (per-stage utilisation), and items done."""
 
     busy: Counter = field(default_factory=Counter)
+    items: int = 0
 
 
 def run_local(cfg: PipelineConfig, items: list[Item], stats: StageStats | None = None) -> Iterator[Item]:
@@ -286,14 +287,15 @@ def _root_cause(err: BaseException) -> str:
     return f"{stage.group(1) + ' could not run: ' if stage else ''}{cause}"
 
 
-def run(cfg: PipelineConfig, engine: str = "auto", progress: bool = True, verify: bool = False) -> RunSummary:
+def run(cfg: PipelineConfig, engine: str = "auto", progress: bool = True, verify: bool = False,
+        stats: StageStats | None = None) -> RunSummary:
     """Build every missing shard of ``cfg`` and refresh the dataset index.
 
     A shard is written only when every one of its items came through the stages and its
     rejection rate is within ``max_rejection_rate``; a failed shard leaves no tar and no manifest,
     and the run ends with a :class:`PipelineError` naming it (after the other shards when only
     the rejection rate failed it). ``verify`` re-hashes complete shards instead of trusting
-    their recorded size and mtime.
+    their recorded size and mtime. ``stats`` collects stage busy time and items done as they go.
     """
     t0 = time.time()
     out = Path(cfg.output)
@@ -317,10 +319,11 @@ def run(cfg: PipelineConfig, engine: str = "auto", progress: bool = True, verify
             started_ray = engine == "ray" and init_ray(cfg)
         except Exception as err:  # noqa: BLE001 - Ray's start-up raises bare Exceptions
             raise PipelineError(f"Ray could not start: {type(err).__name__}: {err}") from err
-        stream = run_ray(cfg, items) if engine == "ray" else run_local(cfg, items)
+        stats = stats if stats is not None else StageStats()
+        stream = run_ray(cfg, items, stats) if engine == "ray" else run_local(cfg, items, stats)
         try:
             failed = _write_as_completed(out, stream, expected, sha, stages, summary, progress, len(items),
-                                         cfg.max_rejection_rate)
+                                         cfg.max_rejection_rate, stats)
         finally:
             stream.close()  # stop the stages now: a failing run must end, not wait on a stream
             if started_ray:
@@ -359,7 +362,7 @@ def describe_disk(path: Path) -> str:
 
 def _write_as_completed(out: Path, stream: Iterable[Item], expected: dict[int, int], sha: str,
                         stages: dict[str, Any], summary: RunSummary, progress: bool, total: int,
-                        max_rejection_rate: float) -> dict[int, str]:
+                        max_rejection_rate: float, stats: StageStats) -> dict[int, str]:
     """Write each shard as its last item arrives; the shards that failed their rejection ceiling."""
     buckets: dict[int, list[Item]] = defaultdict(list)
     failed: dict[int, str] = {}
@@ -368,6 +371,7 @@ def _write_as_completed(out: Path, stream: Iterable[Item], expected: dict[int, i
     for item in stream:
         buckets[item.shard].append(item)
         bar.update(1)
+        stats.items += 1
         if not item.ok:
             summary.rejected[(item.rejected["stage"], _reason_class(item.rejected["reason"]))] += 1
         if len(buckets[item.shard]) < expected[item.shard]:

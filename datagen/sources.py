@@ -67,7 +67,7 @@ def iter_source(cfg: SourceConfig) -> Iterator[SourceRef]:
     elif cfg.kind == "synthetic-gt":
         yield from _iter_scenes("gt-scene", "scene-gt")
     elif cfg.kind == "folder":
-        yield from _iter_folder(Path(cfg.path or "."))
+        yield from _iter_folder(cfg.path or ".")
     elif cfg.kind == "tars":
         yield from _iter_tars(cfg.path or "")
     else:
