@@ -356,3 +356,23 @@ def test_sigkill_of_a_stage_actor_loses_nothing(tmp_path: Path):
     subprocess.run(args, cwd=ROOT, check=True, capture_output=True, timeout=300)
     _assert_complete(out, 4, 24)
 
+
+
+def test_real_cuda_out_of_memory_halves_the_batch():
+    """On a GPU: a batch whose activations do not fit raises torch's own OutOfMemoryError; the
+    stage halves it until each part fits and loses no item."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    free, _ = torch.cuda.mem_get_info()
+    per_item = int(free * 0.3)  # 2 items fit, 4 do not
+
+    def allocate(items):
+        block = torch.empty(per_item * len(items), dtype=torch.uint8, device="cuda")
+        del block
+
+    stage = _Counting(allocate)
+    items = stage.run_items(_items(8))
+    assert all(it.ok and it.caption == "done" for it in items)
+    assert stage.sizes == [8, 4, 2, 2, 4, 2, 2]
+    assert torch.cuda.memory_allocated() == 0
