@@ -98,7 +98,6 @@ def check_output(cfg: PipelineConfig, out: Path) -> None:
                               f"now {cfg.sha256()[:12]}); choose another OUT or delete it")
 
 
-ENGINES = ("auto", "ray", "local")
 LOCAL_MAX_ITEMS = 256  # auto: up to this many items on one machine, the in-process loop wins (no start-up)
 
 
