@@ -4,6 +4,9 @@
 through Ray Data (stages fused into one actor pool) on the same demo items, and the shard
 writer against plain ``tarfile`` writing the same bytes.
 
+``python -m datagen.bench tar-read``: the first shard of a 200-item and of an 8,000-item tar (plain
+and gzip): per-item read cost must not grow with the tar.
+
 ``python -m datagen.bench scale --items N`` (``make bench-scale``): N items from img2dataset-layout
 tars through the real runner on Ray Data: items/s over time, driver and actor memory over time,
 per-stage utilisation, and how to size the pools of a cluster from those figures.
@@ -255,9 +258,28 @@ def report_scale(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def bench_tar_read(small: int = 200, large: int = 8000, samples_per_shard: int = 32, size: int = 128,
+                   pipeline: str = "pipelines/default.yaml", engine: str = "local") -> list[tuple[str, float]]:
+    """Seconds for the first shard of a ``small``-item tar and of a ``large``-item tar (plain and
+    gzip): reading an item must not cost more in a larger tar."""
+    rows = []
+    with tempfile.TemporaryDirectory(dir=".") as tmp:
+        for n in (small, large):
+            for compress in (False, True):
+                raw = Path(tmp) / f"raw-{n}-{int(compress)}"
+                pattern = write_img2dataset_tars(raw, n, per_tar=n, size=size, compress=compress)
+                cfg = load_config(pipeline, {"source_kind": "tars", "source_path": pattern, "shards": 1,
+                                             "output": str(Path(tmp) / f"out-{n}-{int(compress)}"),
+                                             "samples_per_shard": samples_per_shard, "image": {"size": size}})
+                t0 = time.perf_counter()
+                run(cfg, engine=engine, progress=False)
+                rows.append((f"{n}-item {'.tar.gz' if compress else '.tar'}", time.perf_counter() - t0))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="pipeline", choices=("pipeline", "scale"))
+    parser.add_argument("command", nargs="?", default="pipeline", choices=("pipeline", "scale", "tar-read"))
     parser.add_argument("--pipeline", default="pipelines/default.yaml")
     parser.add_argument("-n", type=int, default=500, help="pipeline: items per engine run")
     parser.add_argument("--items", type=int, default=10_000, help="scale: items")
@@ -266,6 +288,13 @@ def main() -> None:
     parser.add_argument("--raw", type=Path, help="scale: keep the source tars here (default: a temp dir)")
     parser.add_argument("--every", type=float, default=5.0, help="scale: seconds between samples")
     args = parser.parse_args()
+    if args.command == "tar-read":
+        rows = bench_tar_read(pipeline=args.pipeline)
+        base = {kind: t for name, t in rows[:2] for kind in [name.split(" ", 1)[1]]}
+        print(f"\n| first shard (32 items, {args.pipeline}, --engine local) | s | x 200-item tar |\n|---|---|---|")
+        for name, t in rows:
+            print(f"| {name} | {t:.1f} | {t / base[name.split(' ', 1)[1]]:.2f} |")
+        return
     if args.command == "scale":
         with tempfile.TemporaryDirectory(dir=".") as tmp:
             raw = args.raw or Path(tmp) / "raw"

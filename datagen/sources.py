@@ -164,28 +164,34 @@ def expand_braces(pattern: str) -> list[str]:
 
 def _iter_tars(pattern: str) -> Iterator[SourceRef]:
     for url in expand_braces(pattern):
-        stem = url.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0]
-        try:
-            with open_uncompressed(url) as f, tarfile.open(fileobj=f, mode="r:") as tf:
-                # random access: each header is read and the data skipped (seek), never read
-                groups = list(group_tar_members((m, (m.name, m.offset_data, m.size)) for m in tf))
-        except (OSError, tarfile.TarError, EOFError, ValueError) as err:
-            # The whole tar is unreadable: one rejected pseudo-item records it.
-            yield SourceRef(slug_key(Path(url).name), f"tar:{url}",
-                            {"kind": "tar-error", "tar": url, "reason": f"{type(err).__name__}: {err}"})
-            continue
-        for group in groups:
-            if not group.key:
-                continue  # a directory entry or a file without a suffix: not an item
-            members = {suffix.lower(): list(where) for suffix, where in group.members.items()}
-            first = min(offset for _, offset, _ in members.values())
-            if any("not contiguous" in p for p in group.problems):
-                # the key reappears later in the tar: record it once more, rejected, under its own key
-                yield SourceRef(slug_key(f"{stem}/{group.key}@{first}"), f"tar:{url}#{group.key}",
-                                {"kind": "tar-error", "tar": url, "reason": "; ".join(group.problems)})
-                continue
-            yield SourceRef(slug_key(f"{stem}/{group.key}"), f"tar:{url}#{group.key}",
-                            {"kind": "tar", "tar": url, "members": members})
+        yield from _iter_tar(url)
+
+
+def _iter_tar(url: str) -> Iterator[SourceRef]:
+    """The items of one tar, listed lazily (a listing that needs only the first shard reads only
+    its headers): each member's header is read and its data skipped (a seek), never read."""
+    stem = url.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0]
+    listed = 0
+    try:
+        with open_uncompressed(url) as f, tarfile.open(fileobj=f, mode="r:") as tf:
+            for group in group_tar_members((m, (m.name, m.offset_data, m.size)) for m in tf):
+                if not group.key:
+                    continue  # a directory entry or a file without a suffix: not an item
+                members = {suffix.lower(): list(where) for suffix, where in group.members.items()}
+                listed += 1
+                if any("not contiguous" in p for p in group.problems):
+                    # the key reappears later in the tar: recorded once more, rejected, under its own key
+                    first = min(offset for _, offset, _ in members.values())
+                    yield SourceRef(slug_key(f"{stem}/{group.key}@{first}"), f"tar:{url}#{group.key}",
+                                    {"kind": "tar-error", "tar": url, "reason": "; ".join(group.problems)})
+                    continue
+                yield SourceRef(slug_key(f"{stem}/{group.key}"), f"tar:{url}#{group.key}",
+                                {"kind": "tar", "tar": url, "members": members})
+    except (OSError, tarfile.TarError, EOFError, ValueError) as err:
+        # The tar (or its rest) is unreadable: one rejected pseudo-item records it.
+        where = f" after {listed} items" if listed else ""
+        yield SourceRef(slug_key(f"{Path(url).name}{where}"), f"tar:{url}",
+                        {"kind": "tar-error", "tar": url, "reason": f"{type(err).__name__}{where}: {err}"})
 
 
 _MAGIC: tuple[tuple[bytes, Any], ...] = (
