@@ -245,16 +245,19 @@ def report_scale(r: dict[str, Any]) -> str:
                      f"{samples[-1].driver_mb:.0f} MB ({samples[-1].driver_mb / r['marks'][1000]:.2f}x)")
     busy: Counter = r["busy"]
     total = sum(busy.values())
-    lines += ["", "| stage | busy s | s per item | share of actor time | actors for 100 items/s |",
+    # actor-seconds: the pool's size integrated over the run (actors start and stop on demand)
+    actor_s = sum(b.actors * (b.t - a.t) for a, b in zip(samples, samples[1:], strict=False))
+    lines += ["", "| stage | busy s (wall, in its actor) | per item | share of busy time | actors for 100 items/s |",
               "|---|---|---|---|---|"]
     for stage in cfg.stages:
         per = busy[stage] / r["items"]
         lines.append(f"| {stage} ({cfg.stages[stage].backend}) | {busy[stage]:.1f} | {per * 1000:.1f} ms | "
                      f"{busy[stage] / max(total, 1e-9):.0%} | {math.ceil(100 * per)} |")
-    lines += ["", f"utilisation: stages busy {total:.0f} s of {wall * r['cpus']:.0f} CPU-seconds "
-              f"({total / max(1e-9, wall * r['cpus']):.0%}); sizing: a stage needs (target items/s) x "
-              "(its s per item) actors; fuse the CPU stages and give that pool the sum, a GPU stage "
-              "its own pool sized the same way from its GPU seconds per item."]
+    lines += ["", f"utilisation: the stages were busy {total:.0f} s of {actor_s:.0f} actor-seconds "
+              f"({total / max(1e-9, actor_s):.0%}; the rest is start-up and waiting for input) on "
+              f"{r['cpus']:.0f} CPUs. Sizing: a stage needs (target items/s) x (its seconds per item) actors "
+              "at the same CPU share; fused CPU stages share one pool sized by their sum, a GPU stage "
+              "gets its own pool sized from its GPU seconds per item."]
     return "\n".join(lines)
 
 

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# The writer owns the layout and the one "shard done" rule; the validator hashes with the one helper.
-from datagen.hashing import HashingReader  # noqa: F401
+# The writer owns the layout and the one "shard done" rule.
 from datagen.writer import manifest_path, shard_done, shard_name, tar_path  # noqa: F401
 
 SHARDS_DIR = "shards"

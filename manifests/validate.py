@@ -28,7 +28,8 @@ from datagen.format import (
     iter_tar_samples,
     member_suffixes,
 )
-from manifests.layout import HashingReader, read_json, scan_dataset, shard_name
+from datagen.hashing import HashingReader
+from manifests.layout import read_json, scan_dataset, shard_name
 from manifests.schemas import document_errors
 
 AREA_TOLERANCE = 0.005  # |layers[n].area - mask coverage| allowed (fraction of the image)
