@@ -15,7 +15,7 @@ PIPELINE ?= pipelines/synthetic-gt.yaml
 else
 PIPELINE ?= pipelines/default.yaml
 endif
-ENGINE ?= ray
+ENGINE ?= auto
 PYTEST_ARGS ?=
 
 DATASET_ARGS = --config $(PIPELINE) --shards $(SHARDS) --engine $(ENGINE) \
@@ -67,6 +67,12 @@ clean-data:
 .PHONY: bench-pipeline
 bench-pipeline: setup
 	$(PY) -m datagen.bench
+
+# ITEMS from img2dataset-layout tars through Ray Data: items/s, memory, per-stage utilisation.
+ITEMS ?= 10000
+.PHONY: bench-scale
+bench-scale: setup
+	$(PY) -m datagen.bench scale --items $(ITEMS)
 
 # Tiny random checkpoints in the real on-disk formats (weights/tiny), for pipelines/tiny.yaml.
 TINY_WEIGHTS ?= weights/tiny

@@ -14,10 +14,10 @@ def _source_overrides(source: str | None, source_path: str | None) -> tuple[str 
     """SOURCE may be a kind (demo, folder, tars, synthetic-gt) or directly a folder / tar pattern."""
     if source is None or source in ("demo", "folder", "tars", "synthetic-gt"):
         return source, source_path
-    if Path(source).is_dir():
-        return "folder", source
-    if source.endswith(".tar") or "{" in source:
+    if source.endswith((".tar", ".tar.gz", ".tgz")) or "{" in source:
         return "tars", source
+    if Path(source).is_dir() or "://" in source:  # a local folder, or a folder URL (s3://bucket/raw)
+        return "folder", source
     raise ConfigError(f"--source: {source!r} is not a kind (demo, folder, tars, synthetic-gt), "
                       "a folder or a tar pattern")
 
@@ -33,8 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--source-path", help="folder or tar pattern for --source folder|tars")
     run_p.add_argument("--out", help="output folder (default: data)")
     run_p.add_argument("--samples-per-shard", type=int)
-    run_p.add_argument("--engine", choices=("ray", "local"), default="ray",
-                       help="ray: Ray Data actor pools (default); local: in-process loop")
+    run_p.add_argument("--engine", choices=("auto", "ray", "local"), default="auto",
+                       help="auto (default): the in-process loop for small runs on one machine, else Ray; "
+                            "ray: Ray Data actor pools; local: in-process loop")
+    run_p.add_argument("--verify", action="store_true",
+                       help="re-hash complete shards instead of trusting their recorded size and mtime")
     run_p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or a local Ray)")
     run_p.add_argument("--no-progress", action="store_true")
     backends_p = sub.add_parser("backends", help="list the registered stage backends")
@@ -71,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     from datagen.runner import PipelineError, run
 
     try:
-        summary = run(cfg, engine=args.engine, progress=not args.no_progress)
-    except PipelineError as err:
+        summary = run(cfg, engine=args.engine, progress=not args.no_progress, verify=args.verify)
+    except (PipelineError, OSError) as err:
         print(f"run stopped: {err}\n(complete shards are kept; fix the cause and rerun to finish)", file=sys.stderr)
         return 1
     print(summary.report())

@@ -35,7 +35,7 @@ DEFAULT_STAGES: dict[str, dict[str, Any]] = {
 
 # Keys that say where and how big a run is, not what a sample is: excluded from config_sha256
 # so that a larger SHARDS extends an existing dataset and OUT can be moved.
-RUN_KEYS = ("shards", "output", "ray")
+RUN_KEYS = ("shards", "output", "ray", "max_rejection_rate")
 
 
 class ConfigError(ValueError):
@@ -65,6 +65,7 @@ class SourceConfig:
 class RayConfig:
     address: str | None = None  # None: a local Ray started in-process
     num_cpus: float | None = None  # local Ray only; default all cores
+    fuse: bool = True  # consecutive CPU stages share one actor pool (GPU stages keep their own)
 
 
 @dataclass
@@ -75,6 +76,7 @@ class PipelineConfig:
     samples_per_shard: int = 32
     image_size: int = 256
     max_layers: int = 3
+    max_rejection_rate: float = 0.5  # a shard rejecting more of its items fails instead of being written
     ray: RayConfig = field(default_factory=RayConfig)
     stages: dict[str, StageConfig] = field(default_factory=dict)
 
@@ -111,7 +113,8 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-_TOP_KEYS = {"source", "output", "shards", "samples_per_shard", "image", "max_layers", "ray", "stages"}
+_TOP_KEYS = {"source", "output", "shards", "samples_per_shard", "image", "max_layers", "max_rejection_rate", "ray",
+             "stages"}
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -174,11 +177,13 @@ def parse_config(doc: dict[str, Any] | None, overrides: dict[str, Any] | None = 
     if source.kind in ("folder", "tars"):
         if not source.path:
             raise ConfigError(f"source.path: required for source kind {source.kind!r}")
-        if source.kind == "folder" and not Path(source.path).is_dir():
+        if source.kind == "folder" and not _is_folder(source.path):
             raise ConfigError(f"source.path: folder {source.path!r} does not exist")
 
     image = _mapping(doc.get("image"), "image", {"size"})
-    ray_doc = _mapping(doc.get("ray"), "ray", {"address", "num_cpus"})
+    ray_doc = _mapping(doc.get("ray"), "ray", {"address", "num_cpus", "fuse"})
+    if not isinstance(ray_doc.get("fuse", True), bool):
+        raise ConfigError(f"ray.fuse: expected true or false, got {ray_doc['fuse']!r}")
     cfg = PipelineConfig(
         source=source,
         output=str(doc.get("output", "data")),
@@ -186,7 +191,8 @@ def parse_config(doc: dict[str, Any] | None, overrides: dict[str, Any] | None = 
         samples_per_shard=_number(doc.get("samples_per_shard", 32), "samples_per_shard", int, 1),
         image_size=_number(image.get("size", 256), "image.size", int, 32, 4096),
         max_layers=_number(doc.get("max_layers", 3), "max_layers", int, 1, 16),
-        ray=RayConfig(address=ray_doc.get("address"),
+        max_rejection_rate=_number(doc.get("max_rejection_rate", 0.5), "max_rejection_rate", float, 0.0, 1.0),
+        ray=RayConfig(address=ray_doc.get("address"), fuse=ray_doc.get("fuse", True),
                       num_cpus=None if ray_doc.get("num_cpus") is None
                       else _number(ray_doc["num_cpus"], "ray.num_cpus", float, 0.5)),
     )
@@ -216,6 +222,19 @@ def parse_config(doc: dict[str, Any] | None, overrides: dict[str, Any] | None = 
             params=params,
         )
     return cfg
+
+
+def _is_folder(path: str) -> bool:
+    """A local folder, or a folder of an fsspec URL (``s3://bucket/raw``, ``memory://raw``)."""
+    if "://" not in path:
+        return Path(path).is_dir()
+    import fsspec
+
+    try:
+        fs, inner = fsspec.core.url_to_fs(path)
+        return bool(fs.isdir(inner))
+    except (OSError, ValueError, ImportError):
+        return False
 
 
 def check_config(cfg: PipelineConfig) -> None:

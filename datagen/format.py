@@ -17,7 +17,7 @@ import math
 import os
 import re
 import tarfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -421,31 +421,45 @@ def iter_tar_samples(source: str | os.PathLike[str] | IO[bytes]) -> Iterator[Tar
         tar = tarfile.open(source, mode="r|")
     else:
         tar = tarfile.open(fileobj=source, mode="r|")
+    with tar:
+        # a member's data is read while the stream is at it (the generator is consumed in step)
+        yield from group_tar_members((info, _read_member(tar, info)) for info in tar)
+
+
+def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    handle = tar.extractfile(info) if info.isfile() else None
+    return handle.read() if handle is not None else b""
+
+
+def group_tar_members(entries: Iterable[tuple[tarfile.TarInfo, Any]]) -> Iterator[TarSample]:
+    """The one grouping rule of tar members into samples, over ``(member, payload)`` in tar order.
+
+    The payload is what a group's ``members`` map each suffix to: the bytes for
+    :func:`iter_tar_samples`, or where the bytes are (a source listing reads them later).
+    Problems are reported as :func:`iter_tar_samples` describes.
+    """
     seen: set[str] = set()
     current: TarSample | None = None
-    with tar:
-        for info in tar:
-            if not info.isfile():
-                yield TarSample("", {}, [f"tar entry {info.name!r} is not a regular file"])
-                continue
-            try:
-                key, suffix = split_member_name(info.name)
-            except ValueError as err:
-                yield TarSample("", {}, [str(err)])
-                continue
-            handle = tar.extractfile(info)
-            data = handle.read() if handle is not None else b""
-            if current is None or key != current.key:
-                if current is not None:
-                    yield current
-                current = TarSample(key)
-                if key in seen:
-                    current.problems.append(
-                        f"members of {key} are not contiguous (the key reappears after other samples)")
-                seen.add(key)
-            if suffix in current.members:
-                current.problems.append(f"duplicate member {info.name}")
-            else:
-                current.members[suffix] = data
+    for info, payload in entries:
+        if not info.isfile():
+            yield TarSample("", {}, [f"tar entry {info.name!r} is not a regular file"])
+            continue
+        try:
+            key, suffix = split_member_name(info.name)
+        except ValueError as err:
+            yield TarSample("", {}, [str(err)])
+            continue
+        if current is None or key != current.key:
+            if current is not None:
+                yield current
+            current = TarSample(key)
+            if key in seen:
+                current.problems.append(
+                    f"members of {key} are not contiguous (the key reappears after other samples)")
+            seen.add(key)
+        if suffix in current.members:
+            current.problems.append(f"duplicate member {info.name}")
+        else:
+            current.members[suffix] = payload
     if current is not None:
         yield current

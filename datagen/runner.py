@@ -1,30 +1,38 @@
 """Run a pipeline: list source items, stream them through the stages, write complete shards.
 
-Two engines over the same stage objects: ``ray`` (Ray Data, one actor pool per stage; the
-default, locally or on a cluster) and ``local`` (a plain in-process loop, for debugging and as
-the baseline of the pipeline benchmark).
+Two engines over the same stage objects: ``ray`` (Ray Data; consecutive CPU stages fused into
+one actor pool, GPU stages in pools of their own; locally or on a cluster) and ``local`` (a
+plain in-process loop). ``auto`` (the default) picks the loop for small runs on one machine.
+
+Faults: an item's own problem is a recorded rejection; a system fault (memory, device, I/O) is
+retried in the stage, then stops the run with the shard named and nothing written for it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import re
 import time
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from datagen.config import ConfigError, PipelineConfig
 from datagen.item import Item
 from datagen.registry import STAGES, get_backend
 from datagen.sources import list_items
-from datagen.writer import clean_temporaries, read_verified_manifest, write_index, write_shard
+from datagen.stages.base import Stage, StageContext, StageFault, limit_threads
+from datagen.writer import clean_temporaries, read_verified_manifest, shard_name, write_index, write_shard
 
 log = logging.getLogger("datagen")
 
@@ -49,8 +57,9 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def plan_items(cfg: PipelineConfig, out: Path) -> tuple[list[Item], dict[int, int], list[int]]:
-    """Items of the shards still to build, items expected per shard, and the shards already done."""
+def plan_items(cfg: PipelineConfig, out: Path, verify: bool = False) -> tuple[list[Item], dict[int, int], list[int]]:
+    """Items of the shards still to build, items expected per shard, and the shards already done
+    (trusted by size and mtime; ``verify`` re-hashes them)."""
     p = cfg.samples_per_shard
     refs = list_items(cfg.source, cfg.shards * p)
     if not refs:
@@ -63,7 +72,7 @@ def plan_items(cfg: PipelineConfig, out: Path) -> tuple[list[Item], dict[int, in
     if n_shards < cfg.shards:
         log.warning("source has %d items: %d shard(s) instead of %d", len(refs), n_shards, cfg.shards)
     sha = cfg.sha256()
-    done = [s for s in range(n_shards) if read_verified_manifest(out, s, sha) is not None]
+    done = [s for s in range(n_shards) if read_verified_manifest(out, s, sha, verify, refresh=True) is not None]
     items, expected = [], {}
     for s in range(n_shards):
         if s in done:
@@ -89,38 +98,144 @@ def check_output(cfg: PipelineConfig, out: Path) -> None:
                               f"now {cfg.sha256()[:12]}); choose another OUT or delete it")
 
 
-def run_local(cfg: PipelineConfig, items: list[Item]) -> Iterator[Item]:
+LOCAL_MAX_ITEMS = 256  # auto: up to this many items on one machine, the in-process loop wins (no start-up)
+
+
+def choose_engine(cfg: PipelineConfig, n_items: int) -> tuple[str, str]:
+    """The engine ``auto`` picks, and why: Ray for a cluster, a GPU or its own environment, or
+    enough items to pay for the actors' start-up; the in-process loop for small local runs."""
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return "ray", "a Ray cluster address is set"
+    for stage, sc in cfg.stages.items():
+        if sc.num_gpus > 0:
+            return "ray", f"stage {stage} uses a GPU"
+        if _runtime_env(stage, sc):
+            return "ray", f"stage {stage} runs in its own Python environment"
+    if n_items > LOCAL_MAX_ITEMS and (os.cpu_count() or 1) > 1:
+        return "ray", f"{n_items} items: Ray Data runs the stages on every core"
+    return "local", f"{n_items} items on one machine: the in-process loop starts faster than Ray"
+
+
+def _runtime_env(stage: str, sc: Any) -> dict[str, Any] | None:
+    runtime_env = getattr(get_backend(stage, sc.backend), "runtime_env", None)
+    return runtime_env(sc.params) if callable(runtime_env) else None
+
+
+class StageStartError(RuntimeError):
+    """A stage could not be built (its model failed to load)."""
+
+
+class StageGroup:
+    """Consecutive stages run in one process, each over its own batch size: one Ray Data actor
+    pool for the group (fused stages share an actor and pass items in memory), or the whole
+    pipeline in the in-process loop. Records the seconds each stage was busy."""
+
+    def __init__(self, specs: list[tuple[str, str, Any, StageContext, int]]) -> None:
+        self.stages: list[tuple[str, Stage, int]] = []
+        for stage, backend, params, context, batch_size in specs:
+            try:
+                obj = get_backend(stage, backend)(params, context)
+            except Exception as err:  # noqa: BLE001 - a stage that cannot start stops the run, clearly
+                raise StageStartError(f"{stage} ({backend}) could not start: {type(err).__name__}: {err}") from err
+            limit_threads(context.num_cpus)  # again: the backend may have imported torch meanwhile
+            self.stages.append((stage, obj, batch_size))
+
+    @classmethod
+    def of(cls, cfg: PipelineConfig, stages: list[str]) -> StageGroup:
+        return cls(group_specs(cfg, stages))
+
+    def run_items(self, items: list[Item], busy: Counter) -> None:
+        for stage, obj, batch_size in self.stages:
+            t0 = time.perf_counter()
+            for start in range(0, len(items), batch_size):
+                obj.run_items(items[start:start + batch_size])
+            busy[stage] += time.perf_counter() - t0
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The Ray Data adapter: ``{"record": pickled Items, "busy": JSON seconds per stage}``."""
+        items = [Item.from_bytes(b) for b in batch["record"]]
+        busy: Counter = Counter()
+        self.run_items(items, busy)
+        share = {stage: t / max(1, len(items)) for stage, t in busy.items()}
+        rows = []
+        for old in batch.get("busy", [None] * len(items)):
+            row = Counter(json.loads(old)) if old else Counter()
+            row.update(share)
+            rows.append(json.dumps(row))
+        return {"record": np.array([it.to_bytes() for it in items], dtype=object),
+                "busy": np.array(rows, dtype=object)}
+
+
+def group_specs(cfg: PipelineConfig, stages: list[str]) -> list[tuple[str, str, Any, StageContext, int]]:
+    return [(s, cfg.stages[s].backend, cfg.stages[s].params, cfg.context(s), cfg.stages[s].batch_size)
+            for s in stages]
+
+
+def stage_groups(cfg: PipelineConfig) -> list[list[str]]:
+    """Stages fused into actor pools: consecutive CPU stages of the driver's environment share
+    one pool (``ray.fuse``); a GPU stage or one with its own environment keeps its own pool."""
+    groups: list[list[str]] = []
+    fusable_last = False
+    for stage in STAGES:
+        sc = cfg.stages[stage]
+        fusable = cfg.ray.fuse and sc.num_gpus == 0 and not _runtime_env(stage, sc)
+        if groups and fusable and fusable_last:
+            groups[-1].append(stage)
+        else:
+            groups.append([stage])
+        fusable_last = fusable
+    return groups
+
+
+@dataclass
+class StageStats:
+    """Seconds each stage was busy, summed over items (per-stage utilisation), and items done."""
+
+    busy: Counter = field(default_factory=Counter)
+    items: int = 0
+
+
+def run_local(cfg: PipelineConfig, items: list[Item], stats: StageStats | None = None) -> Iterator[Item]:
     """The plain in-process loop: every stage built once here, items in batches."""
-    stages = []
-    for name in STAGES:
-        try:
-            stages.append(cfg.build_stage(name))
-        except Exception as err:  # noqa: BLE001 - a stage that cannot start stops the run, clearly
-            raise PipelineError(f"{name} ({cfg.stages[name].backend}) could not start: "
-                                f"{type(err).__name__}: {err}") from err
+    try:
+        group = StageGroup.of(cfg, list(STAGES))
+    except StageStartError as err:
+        raise PipelineError(str(err)) from err
+    busy = stats.busy if stats is not None else Counter()
     bs = max(cfg.stages[s].batch_size for s in STAGES)
-    for start in range(0, len(items), bs):
-        batch = items[start:start + bs]
-        for stage in stages:
-            stage.run_items(batch)
-        yield from batch
+    # batches never mix shards: a fault fails one shard, and each shard is written as soon as it is done
+    for _, shard_items in groupby(items, key=lambda it: it.shard):
+        chunk = list(shard_items)
+        for batch in (chunk[i:i + bs] for i in range(0, len(chunk), bs)):
+            try:
+                group.run_items(batch, busy)
+            except StageFault as err:
+                raise PipelineError(str(err)) from err
+            yield from batch
 
 
-def init_ray(cfg: PipelineConfig) -> None:
+def init_ray(cfg: PipelineConfig) -> bool:
+    """Connect to the configured cluster or start a local Ray; True when this call started it."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
                  log_to_driver=True, configure_logging=False)
+    return True
 
 
-def run_ray(cfg: PipelineConfig, items: list[Item]) -> Iterator[Item]:
-    """Ray Data streaming: one ``map_batches`` actor pool per stage; results back to the driver."""
+# An actor that dies (killed, out of host memory) is restarted and its batch retried this many
+# times; a deterministic crash then fails the run instead of looping forever.
+ACTOR_RESTARTS = 3
+
+
+def run_ray(cfg: PipelineConfig, items: list[Item], stats: StageStats | None = None) -> Iterator[Item]:
+    """Ray Data streaming: one ``map_batches`` actor pool per stage group; results to the driver."""
     import ray
 
     init_ray(cfg)
@@ -130,78 +245,158 @@ def run_ray(cfg: PipelineConfig, items: list[Item]) -> Iterator[Item]:
     block = max(1, min(cfg.stages[s].batch_size for s in STAGES))
     ds = ray.data.from_items([{"record": it.to_bytes()} for it in items],
                              override_num_blocks=max(1, math.ceil(len(items) / block)))
-    for stage in STAGES:
-        sc = cfg.stages[stage]
-        backend = get_backend(stage, sc.backend)
-        remote_args: dict[str, Any] = {}
-        runtime_env = getattr(backend, "runtime_env", None)
-        if callable(runtime_env) and (env := runtime_env(sc.params)):
-            remote_args["runtime_env"] = env
-        ds = ds.map_batches(backend, fn_constructor_kwargs={"params": sc.params, "context": cfg.context(stage)},
-                            compute=ray.data.ActorPoolStrategy(size=sc.actors), batch_size=sc.batch_size,
-                            batch_format="numpy", num_cpus=sc.num_cpus, num_gpus=sc.num_gpus or None,
-                            **remote_args)
+    for group in stage_groups(cfg):
+        scs = [cfg.stages[s] for s in group]
+        env = _runtime_env(group[0], scs[0])
+        # Fused stages run one after the other in an actor: it needs the largest share, not the sum;
+        # the pool grows from one actor (a fast first result) to the group's total actor count.
+        size = sum(sc.actors for sc in scs)
+        compute = ray.data.ActorPoolStrategy(min_size=1, max_size=size) if len(group) > 1 and size > 1 \
+            else ray.data.ActorPoolStrategy(size=scs[0].actors)
+        with warnings.catch_warnings():
+            # Ray Data has no named parameter for bounded actor restarts yet (its default is unbounded)
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            ds = ds.map_batches(StageGroup, fn_constructor_kwargs={"specs": group_specs(cfg, group)},
+                                compute=compute, batch_size=max(sc.batch_size for sc in scs),
+                                batch_format="numpy", num_cpus=max(sc.num_cpus for sc in scs),
+                                num_gpus=max(sc.num_gpus for sc in scs) or None, runtime_env=env or None,
+                                max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
+    busy = stats.busy if stats is not None else Counter()
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for record in batch["record"]:
+            for record, row in zip(batch["record"], batch["busy"], strict=True):
+                busy.update(json.loads(row))
                 yield Item.from_bytes(record)
     except Exception as err:  # noqa: BLE001 - items never raise (stages record them); this is a stage that cannot run
         raise PipelineError(_root_cause(err)) from err
 
 
 class PipelineError(RuntimeError):
-    """A stage could not run at all (e.g. its model failed to load): the run stops."""
+    """The run stops: a stage could not start or run (a system fault), or a shard failed."""
 
 
 def _root_cause(err: BaseException) -> str:
     """The last 'SomeError: message' line of a (Ray-wrapped) exception, and the stage it came from."""
     text = str(err)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    cause = next((ln for ln in reversed(lines) if re.match(r"^[A-Za-z_.]*(Error|Exception)\b.*:", ln)),
+    cause = next((ln for ln in reversed(lines) if re.match(r"^[A-Za-z_.]*(Error|Exception|Fault)\b.*:", ln)),
                  lines[-1] if lines else type(err).__name__)
+    cause = re.sub(r"^[A-Za-z_.]*\.(\w+(Error|Exception|Fault))\b", r"\1", cause)  # datagen.x.StageFault -> StageFault
     stage = re.search(r"MapBatches\((\w+)\)", text)
     return f"{stage.group(1) + ' could not run: ' if stage else ''}{cause}"
 
 
-def run(cfg: PipelineConfig, engine: str = "ray", progress: bool = True) -> RunSummary:
-    """Build every missing shard of ``cfg`` and refresh the dataset index."""
+def run(cfg: PipelineConfig, engine: str = "auto", progress: bool = True, verify: bool = False,
+        stats: StageStats | None = None) -> RunSummary:
+    """Build every missing shard of ``cfg`` and refresh the dataset index.
+
+    A shard is written only when every one of its items came through the stages and its
+    rejection rate is within ``max_rejection_rate``; a failed shard leaves no tar and no manifest,
+    and the run ends with a :class:`PipelineError` naming it (after the other shards when only
+    the rejection rate failed it). ``verify`` re-hashes complete shards instead of trusting
+    their recorded size and mtime. ``stats`` collects stage busy time and items done as they go.
+    """
     t0 = time.time()
     out = Path(cfg.output)
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-    (out / "manifests").mkdir(parents=True, exist_ok=True)
+    try:
+        (out / "shards").mkdir(parents=True, exist_ok=True)
+        (out / "manifests").mkdir(parents=True, exist_ok=True)
+        check_writable(out)
+    except OSError as err:
+        raise PipelineError(f"output {out} ({describe_disk(out)}) is not writable: {err}") from err
     check_output(cfg, out)
     clean_temporaries(out)
-    items, expected, done = plan_items(cfg, out)
+    items, expected, done = plan_items(cfg, out, verify=verify)
     summary = RunSummary(shards_skipped=done)
     sha, stages = cfg.sha256(), cfg.stage_identities()
+    failed: dict[int, str] = {}
     if items:
-        stream = run_ray(cfg, items) if engine == "ray" else run_local(cfg, items)
-        _write_as_completed(out, stream, expected, sha, stages, summary, progress, len(items))
+        if engine == "auto":
+            engine, why = choose_engine(cfg, len(items))
+            log.info("engine %s: %s", engine, why)
+        try:
+            started_ray = engine == "ray" and init_ray(cfg)
+        except Exception as err:  # noqa: BLE001 - Ray's start-up raises bare Exceptions
+            raise PipelineError(f"Ray could not start: {type(err).__name__}: {err}") from err
+        stats = stats if stats is not None else StageStats()
+        stream = run_ray(cfg, items, stats) if engine == "ray" else run_local(cfg, items, stats)
+        try:
+            failed = _write_as_completed(out, stream, expected, sha, stages, summary, progress, len(items),
+                                         cfg.max_rejection_rate, stats)
+        finally:
+            stream.close()  # stop the stages now: a failing run must end, not wait on a stream
+            if started_ray:
+                import ray
+
+                ray.shutdown()
     summary.index = write_index(out, cfg.to_dict(), sha)
     summary.seconds = time.time() - t0
+    if failed:
+        raise PipelineError("; ".join(f"shard {shard_name(s)} not written: {why}" for s, why in sorted(failed.items())))
     return summary
 
 
+def check_writable(out: Path) -> None:
+    """Fail now, not after the first shard's work, when OUT cannot take a file."""
+    probe = out / "shards" / f".write-probe.tmp-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
+def describe_disk(path: Path) -> str:
+    """``filesystem at /mnt (12.3 MB free)``: which disk a write failed on, for the message."""
+    p = path.resolve()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    mount = p
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    try:
+        st = os.statvfs(p)
+        free = f", {st.f_bavail * st.f_frsize / 1e6:.1f} MB free"
+    except OSError:
+        free = ""
+    return f"filesystem mounted at {mount}{free}"
+
+
 def _write_as_completed(out: Path, stream: Iterable[Item], expected: dict[int, int], sha: str,
-                        stages: dict[str, Any], summary: RunSummary, progress: bool, total: int) -> None:
+                        stages: dict[str, Any], summary: RunSummary, progress: bool, total: int,
+                        max_rejection_rate: float, stats: StageStats) -> dict[int, str]:
+    """Write each shard as its last item arrives; the shards that failed their rejection ceiling."""
     buckets: dict[int, list[Item]] = defaultdict(list)
+    failed: dict[int, str] = {}
     started = time.time()
     bar = tqdm(total=total, unit="img", desc="items", disable=not progress, dynamic_ncols=True)
     for item in stream:
         buckets[item.shard].append(item)
         bar.update(1)
+        stats.items += 1
         if not item.ok:
             summary.rejected[(item.rejected["stage"], _reason_class(item.rejected["reason"]))] += 1
-        if len(buckets[item.shard]) == expected[item.shard]:
-            shard_items = buckets.pop(item.shard)
+        if len(buckets[item.shard]) < expected[item.shard]:
+            continue
+        shard_items = buckets.pop(item.shard)
+        rejected = Counter(_reason_class(it.rejected["reason"]) for it in shard_items if not it.ok)
+        rate = sum(rejected.values()) / len(shard_items)
+        if rate > max_rejection_rate:
+            top = ", ".join(f"{reason} x{n}" for reason, n in rejected.most_common(3))
+            failed[item.shard] = (f"{sum(rejected.values())} of {len(shard_items)} items rejected ({rate:.0%} > "
+                                  f"max_rejection_rate {max_rejection_rate:.0%}; {top})")
+            log.error("shard %s: %s", shard_name(item.shard), failed[item.shard])
+            continue
+        try:
             manifest = write_shard(out, item.shard, shard_items, sha, stages, time.time() - started)
-            summary.shards_written.append(item.shard)
-            summary.samples += manifest["samples"]
-            bar.set_postfix(shards=f"{len(summary.shards_written)}/{len(expected)}")
+        except OSError as err:
+            raise PipelineError(f"shard {shard_name(item.shard)}: writing to {out} failed "
+                                f"({describe_disk(out)}): {type(err).__name__}: {err}") from err
+        summary.shards_written.append(item.shard)
+        summary.samples += manifest["samples"]
+        bar.set_postfix(shards=f"{len(summary.shards_written)}/{len(expected)}")
     bar.close()
     if buckets:
-        missing = {s: expected[s] - len(v) for s, v in buckets.items()}
-        raise RuntimeError(f"stream ended with incomplete shards (missing items per shard: {missing})")
+        missing = {shard_name(s): expected[s] - len(v) for s, v in buckets.items()}
+        raise PipelineError(f"stream ended with incomplete shards (missing items per shard: {missing})")
+    return failed
 
 
 def _reason_class(reason: str) -> str:

@@ -2,22 +2,33 @@
 
 A source item is a small JSON-able descriptor, so listing is cheap and reading happens in the
 decode stage's actors. Shard s takes items [s*P, (s+1)*P) of the listing.
+
+Folders and tars may be local paths or fsspec URLs (``s3://``, ``gs://``, ``hf://``,
+``file://``, ``memory://``). A tar is read once when it is listed, header by header, and each
+item's descriptor records where its members' bytes are (offset and size in the uncompressed
+stream), so reading an item costs O(1) whatever the tar's size. A worker keeps the tars it
+reads open; a compressed tar is then decompressed once per pass over it (items arrive in order).
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import json
+import lzma
 import os
 import re
 import tarfile
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from datagen.config import SourceConfig
+from datagen.format import group_tar_members
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 TAR_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
@@ -57,7 +68,7 @@ def iter_source(cfg: SourceConfig) -> Iterator[SourceRef]:
     elif cfg.kind == "synthetic-gt":
         yield from _iter_scenes("gt-scene", "scene-gt")
     elif cfg.kind == "folder":
-        yield from _iter_folder(Path(cfg.path or "."))
+        yield from _iter_folder(cfg.path or ".")
     elif cfg.kind == "tars":
         yield from _iter_tars(cfg.path or "")
     else:
@@ -84,26 +95,65 @@ def _iter_scenes(prefix: str, kind: str) -> Iterator[SourceRef]:
         seed += 1
 
 
-def _iter_folder(root: Path) -> Iterator[SourceRef]:
+def is_url(path: str) -> bool:
+    """An fsspec URL (``proto://...``) rather than a local path."""
+    return "://" in path
+
+
+def _iter_folder(root: Path | str) -> Iterator[SourceRef]:
+    if is_url(str(root)):
+        yield from _iter_folder_url(str(root))
+        return
+    root = Path(root)
     root_real = root.resolve()
     files: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
         files.extend(Path(dirpath) / f for f in filenames)
     files.sort(key=lambda p: p.relative_to(root).as_posix())
-    stems_with_image = {p.with_suffix("") for p in files if p.suffix.lower() in IMAGE_EXTENSIONS}
-    file_set = set(files)
-    for path in files:
-        rel = path.relative_to(root).as_posix()
-        if path.suffix.lower() in (".txt", ".json") and path.with_suffix("") in stems_with_image:
-            continue  # a sidecar, read with its image
-        desc: dict[str, Any] = {"kind": "file", "path": str(path), "root": str(root_real)}
-        stem = path.with_suffix("")
-        for side in ("txt", "json"):
-            sidecar = stem.with_suffix(f".{side}")
-            if path.suffix.lower() in IMAGE_EXTENSIONS and sidecar in file_set:
-                desc[side] = str(sidecar)
+    rels = [p.relative_to(root).as_posix() for p in files]
+    for rel, desc in _folder_items(rels):
+        desc["root"] = str(root_real)
+        for k in ("path", "txt", "json"):
+            if k in desc:
+                desc[k] = str(root / desc[k])
         yield SourceRef(slug_key(rel), f"file:{rel}", desc)
+
+
+def _iter_folder_url(root: str) -> Iterator[SourceRef]:
+    import fsspec
+
+    fs, base = fsspec.core.url_to_fs(root)
+    base = base.rstrip("/")
+    rels = sorted(p[len(base):].lstrip("/") for p in fs.find(base))
+    for rel, desc in _folder_items(rels):
+        for k in ("path", "txt", "json"):
+            if k in desc:
+                desc[k] = fs.unstrip_protocol(f"{base}/{desc[k]}")
+        yield SourceRef(slug_key(rel), f"file:{rel}", desc)
+
+
+def _folder_items(rels: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Items of a folder from its sorted relative file names: images with their sidecars
+    (``x.txt``, ``x.json``), and every other file (rejected when read, for the record)."""
+    def stem(rel: str) -> str:
+        return rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
+
+    def suffix(rel: str) -> str:
+        base = rel.rsplit("/", 1)[-1]
+        return "." + base.rsplit(".", 1)[-1].lower() if "." in base else ""
+
+    stems_with_image = {stem(r) for r in rels if suffix(r) in IMAGE_EXTENSIONS}
+    rel_set = set(rels)
+    for rel in rels:
+        if suffix(rel) in (".txt", ".json") and stem(rel) in stems_with_image:
+            continue  # a sidecar, read with its image
+        desc: dict[str, Any] = {"kind": "file", "path": rel}
+        for side in ("txt", "json"):
+            sidecar = f"{stem(rel)}.{side}"
+            if suffix(rel) in IMAGE_EXTENSIONS and sidecar in rel_set:
+                desc[side] = sidecar
+        yield rel, desc
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -114,29 +164,93 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def _iter_tars(pattern: str) -> Iterator[SourceRef]:
-    for tar_path in expand_braces(pattern):
-        tar_name = Path(tar_path).name
+    for url in expand_braces(pattern):
+        yield from _iter_tar(url)
+
+
+def _iter_tar(url: str) -> Iterator[SourceRef]:
+    """The items of one tar, listed lazily (a listing that needs only the first shard reads only
+    its headers): each member's header is read and its data skipped (a seek), never read."""
+    stem = url.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0]
+    listed = 0
+    try:
+        with open_uncompressed(url) as f, tarfile.open(fileobj=f, mode="r:") as tf:
+            for group in group_tar_members((m, (m.name, m.offset_data, m.size)) for m in tf):
+                if not group.key:
+                    continue  # a directory entry or a file without a suffix: not an item
+                members = {suffix.lower(): list(where) for suffix, where in group.members.items()}
+                listed += 1
+                if any("not contiguous" in p for p in group.problems):
+                    # the key reappears later in the tar: recorded once more, rejected, under its own key
+                    first = min(offset for _, offset, _ in members.values())
+                    yield SourceRef(slug_key(f"{stem}/{group.key}@{first}"), f"tar:{url}#{group.key}",
+                                    {"kind": "tar-error", "tar": url, "reason": "; ".join(group.problems)})
+                    continue
+                yield SourceRef(slug_key(f"{stem}/{group.key}"), f"tar:{url}#{group.key}",
+                                {"kind": "tar", "tar": url, "members": members})
+    except (OSError, tarfile.TarError, EOFError, ValueError) as err:
+        # The tar (or its rest) is unreadable: one rejected pseudo-item records it.
+        where = f" after {listed} items" if listed else ""
+        yield SourceRef(slug_key(f"{Path(url).name}{where}"), f"tar:{url}",
+                        {"kind": "tar-error", "tar": url, "reason": f"{type(err).__name__}{where}: {err}"})
+
+
+_MAGIC: tuple[tuple[bytes, Any], ...] = (
+    (b"\x1f\x8b", gzip.GzipFile), (b"BZh", bz2.BZ2File), (b"\xfd7zXZ\x00", lzma.LZMAFile),
+)
+
+
+def open_uncompressed(url: str) -> IO[bytes]:
+    """A seekable reader of the tar's uncompressed bytes (a local path or an fsspec URL).
+
+    Compressed tars (gzip, bzip2, xz, by magic number) are decompressed as they are read; seeking
+    forward decompresses up to the offset, so reading members in order streams the file once.
+    """
+    if is_url(url):
+        import fsspec
+
+        raw = fsspec.open(url, "rb").open()
+    else:
+        raw = open(url, "rb")  # noqa: SIM115 - returned to the caller, who closes it
+    try:
+        head = raw.read(6)
+        raw.seek(0)
+    except Exception:
+        raw.close()
+        raise
+    for magic, opener in _MAGIC:
+        if head.startswith(magic):
+            return opener(fileobj=raw) if opener is gzip.GzipFile else opener(raw)
+    return raw
+
+
+class _OpenTars:
+    """The tars a worker reads from, kept open (least recently used closed beyond ``size``)."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self.files: OrderedDict[str, IO[bytes]] = OrderedDict()
+
+    def read(self, url: str, offset: int, size: int) -> bytes:
+        f = self.files.pop(url, None)
+        if f is None:
+            f = open_uncompressed(url)
+        self.files[url] = f
+        while len(self.files) > self.size:
+            self.files.popitem(last=False)[1].close()
         try:
-            with tarfile.open(tar_path) as tf:
-                members = [m for m in tf.getmembers()]
-        except (OSError, tarfile.TarError) as err:
-            # The whole tar is unreadable: one rejected pseudo-item records it.
-            yield SourceRef(slug_key(tar_name), f"tar:{tar_path}",
-                            {"kind": "tar-error", "tar": tar_path, "reason": f"{type(err).__name__}: {err}"})
-            continue
-        groups: dict[str, dict[str, str]] = {}
-        for m in members:
-            if not m.isfile():
-                continue
-            base = m.name.rsplit("/", 1)[-1]
-            if "." not in base:
-                continue
-            prefix = m.name[: len(m.name) - len(base)]
-            key, suffix = base.split(".", 1)
-            groups.setdefault(prefix + key, {})[suffix.lower()] = m.name
-        for key, by_suffix in groups.items():
-            yield SourceRef(slug_key(f"{Path(tar_path).stem}/{key}"), f"tar:{tar_path}#{key}",
-                            {"kind": "tar", "tar": tar_path, "members": by_suffix})
+            f.seek(offset)
+            data = f.read(size)
+        except Exception:
+            self.files.pop(url, None)
+            f.close()
+            raise
+        if len(data) != size:
+            raise SourceReadError(f"tar {url}: member at {offset} is truncated ({len(data)} of {size} bytes)")
+        return data
+
+
+_TARS = _OpenTars()
 
 
 @dataclass
@@ -198,38 +312,43 @@ def read_item(desc: dict[str, Any], image_size: int) -> RawItem:
         scene = make_scene(int(desc["seed"]), size=image_size)
         return RawItem(array=scene.image, caption=scene.caption, truth=scene)
     if kind == "file":
-        path = Path(desc["path"])
-        if path.is_symlink() and not _inside(path, Path(desc["root"])):
+        path = desc["path"]
+        if not is_url(path) and Path(path).is_symlink() and not _inside(Path(path), Path(desc["root"])):
             raise SourceReadError("symlink leaves the source folder")
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            raise SourceReadError(f"not an image file type ({path.suffix or 'no extension'})")
-        raw = RawItem(data=path.read_bytes())
+        suffix = Path(path).suffix.lower()
+        if suffix not in IMAGE_EXTENSIONS:
+            raise SourceReadError(f"not an image file type ({suffix or 'no extension'})")
+        raw = RawItem(data=_read_file(path))
         if "txt" in desc:
-            raw.caption = Path(desc["txt"]).read_bytes()
+            raw.caption = _read_file(desc["txt"])
         if "json" in desc:
-            raw.meta = Path(desc["json"]).read_bytes()
+            raw.meta = _read_file(desc["json"])
         return raw
     if kind == "tar-error":
         raise SourceReadError(f"unreadable tar: {desc['reason']}")
     if kind == "tar":
         members = desc["members"]
-        unsafe = [n for n in members.values() if not _safe_member(n)]
+        unsafe = [name for name, _, _ in members.values() if not _safe_member(name)]
         if unsafe:
             raise SourceReadError(f"unsafe member path {unsafe[0]!r}")
-        image_name = next((members[s] for s in TAR_IMAGE_SUFFIXES if s in members), None)
-        if image_name is None:
+        image = next((members[s] for s in TAR_IMAGE_SUFFIXES if s in members), None)
+        if image is None:
             raise SourceReadError(f"no image member (has {sorted(members)})")
-        with tarfile.open(desc["tar"]) as tf:
-            def read(name: str) -> bytes:
-                f = tf.extractfile(name)
-                if f is None:
-                    raise SourceReadError(f"member {name!r} is not a file")
-                return f.read()
 
-            return RawItem(data=read(image_name),
-                           caption=read(members["txt"]) if "txt" in members else None,
-                           meta=read(members["json"]) if "json" in members else None)
+        wanted = {"image": image, **{s: members[s] for s in ("txt", "json") if s in members}}
+        # in tar order, so that a compressed tar is only ever read forwards
+        data = {k: _TARS.read(desc["tar"], w[1], w[2]) for k, w in sorted(wanted.items(), key=lambda kw: kw[1][1])}
+        return RawItem(data=data["image"], caption=data.get("txt"), meta=data.get("json"))
     raise SourceReadError(f"unknown source descriptor kind {kind!r}")
+
+
+def _read_file(path: str) -> bytes:
+    if is_url(path):
+        import fsspec
+
+        with fsspec.open(path, "rb") as f:
+            return f.read()
+    return Path(path).read_bytes()
 
 
 def _inside(path: Path, root: Path) -> bool:

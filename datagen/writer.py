@@ -1,12 +1,14 @@
 """Shard writer: one tar per shard, written under a temporary name and renamed, then its manifest.
 
-A shard is done exactly when its manifest exists and the tar's sha256 matches it, so a crash or
-kill never leaves a shard that looks complete, and a rerun rebuilds only what is missing.
+A shard is done exactly when its manifest exists (same schema, shard and config) and its tar
+matches it (:func:`read_verified_manifest`, the one "shard done" rule), so a crash or kill never
+leaves a shard that looks complete, and a rerun rebuilds only what is missing. The tar is hashed
+while it is written; its size and mtime go into the manifest so that a rerun trusts an untouched
+tar without reading it again (``verify=True`` re-hashes).
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -15,9 +17,10 @@ from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from datagen.format import DATASET_SCHEMA, SHARD_SCHEMA
+from datagen.hashing import HashingWriter, file_sha256
 from datagen.item import Item
 
 TAR_MTIME = 0  # fixed member metadata: the same samples give byte-identical tars
@@ -35,32 +38,6 @@ def manifest_path(out: str | Path, shard: int) -> Path:
     return Path(out) / "manifests" / f"{shard_name(shard)}.json"
 
 
-class _HashingFile(io.RawIOBase):
-    """A write-only file that hashes and counts what passes through it."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self._f, self.sha256, self.bytes = f, hashlib.sha256(), 0
-
-    def writable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.bytes
-
-    def write(self, data: Any) -> int:
-        self.sha256.update(data)
-        self.bytes += len(data)
-        return self._f.write(data)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
@@ -72,18 +49,19 @@ def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
 
 def write_tar(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> tuple[str, int]:
     """Write samples (key, suffix -> bytes) to ``path`` as a tar, members contiguous in the order
-    given, and flush it to disk; returns the tar's (sha256, size in bytes)."""
-    with open(path, "wb") as raw:
-        hashing = _HashingFile(raw)
+    given, hashing while writing, and flush it to disk; returns the tar's (sha256, size in bytes)."""
+    with open(path, "wb", buffering=0) as raw, HashingWriter(raw) as hashing:
         with tarfile.open(fileobj=hashing, mode="w", format=tarfile.USTAR_FORMAT) as tf:
             for key, members in samples:
                 for suffix, data in members.items():
                     info = tarfile.TarInfo(f"{key}.{suffix}")
                     info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
                     tf.addfile(info, io.BytesIO(data))
-        raw.flush()
+        hashing.flush()
         os.fsync(raw.fileno())
-    return hashing.sha256.hexdigest(), hashing.bytes
+    if path.stat().st_size != hashing.bytes:  # the temporary file was replaced or truncated meanwhile
+        raise OSError(f"{path} holds {path.stat().st_size} bytes, {hashing.bytes} were written")
+    return hashing.hexdigest(), hashing.bytes
 
 
 def write_shard(out: Path, shard: int, items: list[Item], config_sha256: str,
@@ -104,6 +82,7 @@ def write_shard(out: Path, shard: int, items: list[Item], config_sha256: str,
         "shard": shard,
         "sha256": sha256,
         "bytes": size,
+        "tar_mtime_ns": final.stat().st_mtime_ns,  # with bytes: lets a rerun trust the tar unread
         "samples": len(accepted),
         "keys": [it.key for it in accepted],
         "rejected": [{"source": it.uri, "key": it.key, **(it.rejected or {"stage": "assemble",
@@ -118,22 +97,47 @@ def write_shard(out: Path, shard: int, items: list[Item], config_sha256: str,
     return manifest
 
 
-def read_verified_manifest(out: Path, shard: int, config_sha256: str | None = None) -> dict[str, Any] | None:
-    """The shard's manifest if the shard is complete and intact, else None."""
+def read_verified_manifest(out: Path, shard: int, config_sha256: str | None = None, verify: bool = False,
+                           refresh: bool = False) -> dict[str, Any] | None:
+    """The shard's manifest if the shard is done, else None: the one "shard done" rule.
+
+    Done means: the manifest parses, has this format's schema and shard number (and
+    ``config_sha256`` when given), and the tar has the recorded size and either the recorded
+    mtime (trusted without reading) or the recorded sha256. ``verify=True`` always hashes.
+    ``refresh=True`` records the mtime of a tar that hashed correctly (a moved OUT), so the
+    next run trusts it without hashing again.
+    """
     mpath, tpath = manifest_path(out, shard), tar_path(out, shard)
     try:
         manifest = json.loads(mpath.read_text())
+        st = tpath.stat()
     except (OSError, json.JSONDecodeError):
         return None
-    if manifest.get("schema") != SHARD_SCHEMA or manifest.get("shard") != shard:
+    if not isinstance(manifest, dict) or manifest.get("schema") != SHARD_SCHEMA or manifest.get("shard") != shard:
         return None
     if config_sha256 is not None and manifest.get("config_sha256") != config_sha256:
         return None
-    if not tpath.is_file() or tpath.stat().st_size != manifest.get("bytes"):
+    if not tpath.is_file() or st.st_size != manifest.get("bytes"):
         return None
-    if file_sha256(tpath) != manifest.get("sha256"):
+    if not verify and manifest.get("tar_mtime_ns") == st.st_mtime_ns:
+        return manifest
+    try:
+        if file_sha256(tpath, cache=False) != manifest.get("sha256"):
+            return None
+    except OSError:
         return None
+    if refresh and manifest.get("tar_mtime_ns") != st.st_mtime_ns:
+        manifest["tar_mtime_ns"] = st.st_mtime_ns
+        try:
+            write_json_atomic(mpath, manifest)
+        except OSError:  # a read-only OUT: still done, it is only hashed again next time
+            pass
     return manifest
+
+
+def shard_done(out: str | Path, shard: int, config_sha256: str | None = None, verify: bool = True) -> bool:
+    """Whether shard ``shard`` of ``out`` is complete and intact (see :func:`read_verified_manifest`)."""
+    return read_verified_manifest(Path(out), shard, config_sha256, verify=verify) is not None
 
 
 def clean_temporaries(out: Path) -> list[Path]:

@@ -7,14 +7,14 @@ and ``OUT/manifest.json``. Names containing ``.tmp`` are temporary files of a wr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from datagen.writer import manifest_path, shard_name, tar_path  # noqa: F401 - the writer owns the layout
+# The writer owns the layout and the one "shard done" rule.
+from datagen.writer import manifest_path, shard_done, shard_name, tar_path  # noqa: F401
 
 SHARDS_DIR = "shards"
 MANIFESTS_DIR = "manifests"
@@ -73,50 +73,3 @@ def read_json(path: str | Path) -> Any:
     """Parse a JSON file (UTF-8)."""
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-class HashingReader:
-    """A read-only file wrapper that hashes (sha256) and counts every byte read through it."""
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self.raw = raw
-        self.sha = hashlib.sha256()
-        self.bytes = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        self.sha.update(data)
-        self.bytes += len(data)
-        return data
-
-    def drain(self) -> None:
-        """Read (and hash) whatever is left of the file."""
-        while self.read(1 << 20):
-            pass
-
-    def hexdigest(self) -> str:
-        return self.sha.hexdigest()
-
-
-def hash_file(path: str | Path) -> tuple[str, int]:
-    """(sha256 hex digest, size in bytes) of a file, read in blocks."""
-    with open(path, "rb") as raw:
-        reader = HashingReader(raw)
-        reader.drain()
-    return reader.hexdigest(), reader.bytes
-
-
-def shard_done(out: str | Path, shard: int) -> bool:
-    """The resume rule (docs/FORMAT.md): a shard is done when its manifest exists, parses, and its tar's
-    sha256 and size match the manifest. Anything else means the shard must be (re)written."""
-    mpath, tpath = manifest_path(out, shard), tar_path(out, shard)
-    if not mpath.is_file() or not tpath.is_file():
-        return False
-    try:
-        manifest = read_json(mpath)
-    except (OSError, ValueError):
-        return False
-    if not isinstance(manifest, dict):
-        return False
-    digest, size = hash_file(tpath)
-    return manifest.get("sha256") == digest and manifest.get("bytes", size) == size

@@ -30,9 +30,10 @@ from datagen.format import (
     schema_string,
     schema_version,
 )
+from datagen.hashing import file_sha256
 from datagen.sources import provenance
 from datagen.writer import write_index, write_json_atomic, write_tar
-from manifests.layout import hash_file, manifest_path, read_json, scan_dataset, shard_name, tar_path
+from manifests.layout import manifest_path, read_json, scan_dataset, shard_name, tar_path
 from manifests.validate import find_setting
 
 PENDING = ".tmp-upgrade"  # suffix of the pending tar and manifest of a shard being upgraded
@@ -89,8 +90,7 @@ def _pending(path: Path) -> Path:
 def _matches(manifest: Any, tar: Path) -> bool:
     if not isinstance(manifest, dict) or not tar.is_file():
         return False
-    digest, size = hash_file(tar)
-    return manifest.get("sha256") == digest and manifest.get("bytes") == size
+    return manifest.get("bytes") == tar.stat().st_size and manifest.get("sha256") == file_sha256(tar, cache=False)
 
 
 def _read(path: Path) -> Any:

@@ -32,8 +32,9 @@ from datagen.format import (
     read_sample,
     schema_version,
 )
+from datagen.hashing import HashingReader
 from datagen.writer import stage_identities
-from manifests.layout import HashingReader, read_json, scan_dataset, shard_name
+from manifests.layout import read_json, scan_dataset, shard_name
 from manifests.schemas import document_errors
 
 AREA_TOLERANCE = 0.005  # |layers[n].area - mask coverage| allowed (fraction of the image)

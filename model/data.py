@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from scipy import ndimage
 
-from datagen.format import FormatError, LayerSample, read_sample, schema_version
+from datagen.format import FormatError, LayerSample, iter_tar_samples, read_sample, schema_version
 
 FG_FILLS = ("nearest", "mean", "contrast", "gray", "zero")
 PAD_FOREGROUND = 0.0  # value of an absent foreground layer, in [-1, 1]
@@ -136,23 +136,38 @@ def _worker_info() -> tuple[int, int]:
 
 
 def _read_shards(src: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Shard URLs -> raw samples (suffix -> bytes), any reading error re-raised naming the shard."""
+    """Shard URLs -> raw samples (suffix -> bytes), any reading error re-raised naming the shard.
+
+    Grouping is the format's own (:func:`datagen.format.iter_tar_samples`); an entry that is no
+    sample (a directory) is skipped, a layout problem (a key that reappears) is an error."""
     for shard in src:
-        url, last_key, seen = shard["url"], None, set()
+        url, last_key = shard["url"], None
         try:
-            for raw in wds.tariterators.tarfile_samples(iter([dict(url=url)])):
-                key = raw["__key__"]
-                if key in seen:
-                    raise ShardFormatError(f"shard {url}, sample {key}: key appears twice "
-                                           "(a sample's members must be contiguous)")
-                seen.add(key)
-                last_key = key
-                yield raw
+            with _open_shard(url) as f:
+                for group in iter_tar_samples(f):
+                    if not group.key:
+                        continue
+                    if any("not contiguous" in p for p in group.problems):
+                        raise ShardFormatError(f"shard {url}, sample {group.key}: key appears twice "
+                                               "(a sample's members must be contiguous)")
+                    if group.problems:
+                        raise ShardFormatError(f"shard {url}, sample {group.key}: " + "; ".join(group.problems))
+                    last_key = group.key
+                    yield {"__key__": group.key, "__url__": url, **group.members}
         except ShardFormatError:
             raise
         except Exception as exn:
             where = f"after sample {last_key}" if last_key else "at its start"
             raise ShardFormatError(f"shard {url}: unreadable {where} ({type(exn).__name__}: {exn})") from exn
+
+
+def _open_shard(url: str) -> Any:
+    """A shard for reading: a local path, or an fsspec URL (``s3://``, ``gs://``, ``file://``)."""
+    if "://" in url:
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    return open(url, "rb")
 
 
 def decode(raw: dict[str, Any], max_layers: int | None = None) -> LayerSample:

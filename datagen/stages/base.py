@@ -9,8 +9,11 @@ pool. The batch is ``{"record": array of pickled Item}``; a backend only writes
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import errno
 import os
+import re
+import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from datagen.hashing import file_sha256  # noqa: F401 - the model backends' checkpoint digests
 from datagen.item import Item
 
 
@@ -37,34 +41,23 @@ class NoParams:
 
 
 def limit_threads(num_cpus: float) -> int:
-    """Pin torch, OpenCV and BLAS to the actor's CPU share (oversubscription is the usual slowdown)."""
+    """Pin torch, OpenCV and BLAS to the actor's CPU share (oversubscription is the usual slowdown).
+
+    torch is configured only when the backend has imported it (call again after loading a
+    model); a classical stage never imports it. A torch imported later reads OMP_NUM_THREADS.
+    """
     threads = max(1, int(num_cpus))
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
     import cv2
 
     cv2.setNumThreads(threads)
-    try:
-        import torch
-    except ImportError:
+    torch = sys.modules.get("torch")
+    if torch is None:
         return threads
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # random or tiny weights make denormals, 10x slower on CPU
     return threads
-
-
-def file_sha256(path: str | Path, _cache: dict[tuple[str, float, int], str] = {}) -> str:  # noqa: B006
-    """sha256 of a file, cached by (path, mtime, size) since checkpoints are large."""
-    p = Path(path)
-    st = p.stat()
-    key = (str(p.resolve()), st.st_mtime, st.st_size)
-    if key not in _cache:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _cache[key] = h.hexdigest()
-    return _cache[key]
 
 
 class Stage:
@@ -101,22 +94,96 @@ class Stage:
         return {"record": np.array([it.to_bytes() for it in items], dtype=object)}
 
     def run_items(self, items: list[Item]) -> list[Item]:
-        """Process the accepted items as one batch; if the batch fails, retry one by one so a
-        single bad item is rejected with its reason and the rest go on."""
+        """Process the accepted items as one batch.
+
+        An item's own problem fails only that item: if the batch raises one, the items are
+        retried one by one and the culprit is rejected with its reason. A system fault (see
+        :func:`is_system_fault`) is never a rejection: out of memory halves the batch, anything
+        else is retried with backoff, and then :class:`StageFault` stops the shard.
+        """
         live = [it for it in items if it.ok]
-        if not live:
-            return items
-        try:
-            self.process(live)
-        except Exception:  # noqa: BLE001 - isolate the culprit below
-            for it in live:
-                if not it.ok:
-                    continue
-                try:
-                    self.process([it])
-                except Exception as err:  # noqa: BLE001 - recorded, never fatal
-                    it.reject(self.stage, _describe(err))
+        if live:
+            self._run_batch(live)
         return items
+
+    def _run_batch(self, live: list[Item]) -> None:
+        try:
+            self._retrying(live)
+        except _ItemProblem:
+            for it in live:  # find the culprit: each item alone
+                if it.ok:
+                    try:
+                        self._retrying([it])
+                    except _ItemProblem as problem:
+                        it.reject(self.stage, _describe(problem.__cause__ or problem))
+
+    def _retrying(self, items: list[Item]) -> None:
+        """``process(items)``, a system fault retried (out of memory: in halves); an item's own
+        problem is raised as :class:`_ItemProblem`, a lasting system fault as StageFault."""
+        for attempt in range(FAULT_RETRIES + 1):
+            try:
+                self.process(items)
+                return
+            except Exception as err:  # noqa: BLE001 - classified here
+                if not is_system_fault(err):
+                    raise _ItemProblem() from err
+                free_accelerator_memory()
+                if is_out_of_memory(err) and len(items) > 1:
+                    half = len(items) // 2
+                    for part in (items[:half], items[half:]):
+                        self._run_batch([it for it in part if it.ok])
+                    return
+                if attempt == FAULT_RETRIES:
+                    raise StageFault(f"{_shards(items)}: stage {self.stage} ({self.name}) failed "
+                                     f"{FAULT_RETRIES + 1} times: {_describe(err)}") from err
+                time.sleep(FAULT_BACKOFF_S * 2 ** attempt)
+
+
+class _ItemProblem(Exception):
+    """Raised from an item's own problem (the cause), to be recorded as its rejection."""
+
+
+FAULT_RETRIES = 2  # a system fault is retried this many times (backoff doubling) before the shard fails
+FAULT_BACKOFF_S = 0.5
+# errnos that describe the item's own file (gone, a folder, a link loop, unreadable), not the system
+ITEM_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.EACCES, errno.EPERM,
+               errno.ENAMETOOLONG}
+_DEVICE_ERROR = re.compile(r"out of memory|CUDA error|CUBLAS_STATUS|CUDNN_STATUS|cuDNN error|NCCL error|"
+                           r"device-side assert|HIP error|XPU error|MPS backend out of memory")
+
+
+class StageFault(RuntimeError):
+    """A fault that is not the items' own (out of memory, device, I/O): the shard fails, loudly."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Accelerator or host out of memory (torch.cuda.OutOfMemoryError and friends, MemoryError)."""
+    return (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+            or (isinstance(err, RuntimeError) and "out of memory" in str(err)))
+
+
+def is_system_fault(err: BaseException) -> bool:
+    """Whether ``err`` is the system's problem rather than the item's: memory, accelerator,
+    I/O (an OSError with an errno other than the item's own file), network, a stage fault."""
+    if isinstance(err, StageFault) or is_out_of_memory(err):
+        return True
+    if isinstance(err, RuntimeError) and _DEVICE_ERROR.search(str(err)):
+        return True
+    if isinstance(err, ConnectionError | TimeoutError):
+        return True
+    return isinstance(err, OSError) and err.errno is not None and err.errno not in ITEM_ERRNOS
+
+
+def free_accelerator_memory() -> None:
+    """Give cached GPU memory back before a retry (only when the backend uses torch on CUDA)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _shards(items: list[Item]) -> str:
+    shards = sorted({it.shard for it in items})
+    return "shard " + ", ".join(f"{s:06d}" for s in shards)
 
 
 def _describe(err: BaseException) -> str:

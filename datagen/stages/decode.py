@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from datagen.item import Item
 from datagen.registry import register
 from datagen.sources import RawItem, SourceReadError, read_item
-from datagen.stages.base import Stage
+from datagen.stages.base import Stage, is_system_fault
 
 
 @dataclass
@@ -47,10 +47,13 @@ class PilDecoder(Stage):
                 self._decode(item, raw)
             except SourceReadError as err:
                 item.reject(self.stage, str(err))
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-                    Image.DecompressionBombWarning, EOFError) as err:
-                detail = re.sub(r"\s*<[^>]*>", "", str(err))  # drop object reprs with addresses
-                item.reject(self.stage, f"not a readable image: {type(err).__name__}: {detail}")
+            except OSError as err:
+                if is_system_fault(err):
+                    raise  # I/O trouble reading the source (a disk, the network): retried, not a rejection
+                item.reject(self.stage, f"not a readable image: {type(err).__name__}: {_detail(err)}")
+            except (ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning,
+                    EOFError) as err:
+                item.reject(self.stage, f"not a readable image: {type(err).__name__}: {_detail(err)}")
 
     def _decode(self, item: Item, raw: RawItem) -> None:
         p: DecodeParams = self.params
@@ -100,6 +103,10 @@ class PilDecoder(Stage):
             except (UnicodeDecodeError, json.JSONDecodeError):
                 item.quality["source_json_invalid"] = True
         return caption, meta
+
+
+def _detail(err: BaseException) -> str:
+    return re.sub(r"\s*<[^>]*>", "", str(err))  # drop object reprs with addresses
 
 
 def load_image(data: bytes, max_pixels: int, alpha_background: tuple[int, int, int]) -> Image.Image:

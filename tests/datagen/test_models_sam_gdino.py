@@ -311,9 +311,8 @@ def test_official_config_builds_upstream_model(tiny: dict[str, Path]) -> None:
     official = Path(groundingdino.__file__).parent / "config" / "GroundingDINO_SwinT_OGC.py"
     ours = build_model(read_config(official), tiny["gd_text_encoder"])  # tiny BERT: only feat_map differs
     args = SLConfig.fromfile(str(official))
-    args.text_encoder_type = str(tiny["gd_text_encoder"])
-    with local_text_encoder():
-        theirs = upstream_build(args)
+    args.text_encoder_type = local_text_encoder(tiny["gd_text_encoder"])
+    theirs = upstream_build(args)
     shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert shapes == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
     assert any(k.startswith("backbone.0.layers.2.blocks.5.") for k in shapes)  # Swin-T: 6 blocks in stage 3

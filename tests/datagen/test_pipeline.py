@@ -146,3 +146,64 @@ def test_ray_engine_matches_local_engine(tmp_path: Path, ray_local):
     _, samples = read_shard(tmp_path / "ray" / "shards" / "000000.tar")
     for key, members in samples.items():
         assert np.array_equal(by_key[key].rgba(), read_sample(members, key=key).rgba())
+
+
+def test_rerun_trusts_size_and_mtime_and_verify_rehashes(tmp_path: Path, monkeypatch):
+    """Resume reads no complete tar (size + mtime from the manifest); --verify hashes each once."""
+    from datagen import writer
+
+    out = tmp_path / "out"
+    run(small_config(out, shards=2), engine="local", progress=False)
+    hashed: list[str] = []
+    real = writer.file_sha256
+    monkeypatch.setattr(writer, "file_sha256", lambda p, cache=True: hashed.append(Path(p).name) or real(p, cache))
+    summary = run(small_config(out, shards=2), engine="local", progress=False)
+    assert summary.shards_skipped == [0, 1] and hashed == []
+    summary = run(small_config(out, shards=2), engine="local", progress=False, verify=True)
+    assert summary.shards_skipped == [0, 1] and sorted(hashed) == ["000000.tar", "000001.tar"]
+    # a moved OUT (new mtimes) is hashed once, then trusted again
+    hashed.clear()
+    for tar in (out / "shards").glob("*.tar"):
+        os.utime(tar, ns=(1, 1))
+    run(small_config(out, shards=2), engine="local", progress=False)
+    run(small_config(out, shards=2), engine="local", progress=False)
+    assert sorted(hashed) == ["000000.tar", "000001.tar"]
+
+
+def test_classical_stages_never_import_torch():
+    """A CPU actor of the default pipeline builds and runs every classical stage without torch."""
+    code = """
+import sys
+from collections import Counter
+from datagen.config import load_config
+from datagen.item import Item
+from datagen.registry import STAGES
+from datagen.runner import StageGroup
+from datagen.sources import list_items
+cfg = load_config("pipelines/default.yaml")
+refs = list_items(cfg.source, 2)
+items = [Item(key=r.key, shard=0, index=i, uri=r.uri, source=r.descriptor) for i, r in enumerate(refs)]
+StageGroup.of(cfg, list(STAGES)).run_items(items, Counter())
+assert all(it.ok or it.rejected for it in items)
+print(sorted(m for m in ("torch", "torchvision", "transformers", "ray") if m in sys.modules))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+
+
+def test_engine_choice_and_stage_fusion(monkeypatch):
+    from datagen.runner import LOCAL_MAX_ITEMS, choose_engine, stage_groups
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = small_config(Path("unused"))
+    assert choose_engine(cfg, 64)[0] == "local"
+    assert choose_engine(cfg, LOCAL_MAX_ITEMS + 1)[0] == ("ray" if (os.cpu_count() or 1) > 1 else "local")
+    cfg.stages["segment"].num_gpus = 1
+    assert choose_engine(cfg, 64) == ("ray", "stage segment uses a GPU")
+    # CPU stages fuse around the GPU stage, which keeps a pool of its own
+    assert stage_groups(cfg) == [["decode", "caption", "ground"], ["segment"], ["inpaint", "assemble"]]
+    cfg.ray.fuse = False
+    assert stage_groups(cfg) == [[s] for s in ("decode", "caption", "ground", "segment", "inpaint", "assemble")]
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    assert choose_engine(small_config(Path("unused")), 8)[0] == "ray"

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from datagen.badinput import EXPECTED, write_corpus, write_unsafe_tar
-from datagen.config import load_config
+from datagen.config import SourceConfig, load_config
 from datagen.runner import run
-from datagen.sources import list_items
+from datagen.sources import list_items, read_item
 from manifests.validate import validate_dataset
 from tests.datagen.helpers import load_json, png, read_shard
 
@@ -27,7 +29,8 @@ def test_bad_input_corpus_is_rejected_or_normalised(tmp_path: Path):
     corpus, outside, out = tmp_path / "corpus", tmp_path / "outside", tmp_path / "out"
     write_corpus(corpus, outside)
     before = _snapshot(corpus), _snapshot(outside), set(tmp_path.iterdir())
-    cfg = _config(out, source_kind="folder", source_path=str(corpus), shards=1, samples_per_shard=100)
+    cfg = _config(out, source_kind="folder", source_path=str(corpus), shards=1, samples_per_shard=100,
+                  max_rejection_rate=1.0)  # half of the corpus is bad on purpose
     run(cfg, engine="local", progress=False)
     # nothing changed in the source, nothing written outside OUT
     assert (_snapshot(corpus), _snapshot(outside)) == before[:2]
@@ -77,7 +80,7 @@ def test_tar_source_with_brace_pattern_and_unsafe_members(tmp_path: Path):
     (raw / "00002.tar").write_bytes(b"not a tar at all")
     out = tmp_path / "out"
     cfg = _config(out, source_kind="tars", source_path=str(raw / "{00000..00002}.tar"), shards=1,
-                  samples_per_shard=50)
+                  samples_per_shard=50, max_rejection_rate=1.0)  # most of these tars' items are bad on purpose
     run(cfg, engine="local", progress=False)
     manifest = load_json(out / "manifests" / "000000.json")
     assert manifest["samples"] == 2  # the one good sample of each tar
@@ -111,3 +114,72 @@ def test_demo_source_photos_and_scenes(tmp_path: Path):
             assert len(meta["layers"]) == 1
             assert 0.01 <= meta["layers"][0]["area"] <= 0.85
     assert validate_dataset(out).ok()
+
+
+def _tar_members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tf:
+        return {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_tar_items_are_read_by_offset_one_pass_per_tar(tmp_path: Path, monkeypatch, compress: bool):
+    """Listing records each member's offset; reading every item in order opens (and, compressed,
+    decompresses) each tar once, and returns exactly the member bytes."""
+    from datagen import sources
+    from datagen.bench import write_img2dataset_tars
+
+    pattern = write_img2dataset_tars(tmp_path / "raw", 25, per_tar=10, size=48, compress=compress)
+    refs = list_items(SourceConfig(kind="tars", path=pattern), 100)
+    assert len(refs) == 25 and len({r.key for r in refs}) == 25
+    opened: list[str] = []
+    real_open = sources.open_uncompressed
+
+    def counting_open(url: str):
+        opened.append(url)
+        return real_open(url)
+
+    monkeypatch.setattr(sources, "open_uncompressed", counting_open)
+    monkeypatch.setattr(sources, "_TARS", sources._OpenTars())
+    for ref in refs:
+        raw = read_item(ref.descriptor, 48)
+        tar, key = ref.descriptor["tar"], ref.uri.rsplit("#", 1)[1]
+        members = _tar_members(Path(tar))
+        assert raw.data == members[f"{key}.jpg"]
+        assert raw.caption == members[f"{key}.txt"] and json.loads(raw.meta)["key"] == key
+    assert sorted(opened) == sorted({r.descriptor["tar"] for r in refs})  # once per tar
+
+
+def test_fsspec_urls_for_tars_and_folders(tmp_path: Path):
+    """The same items from memory:// tars, a file:// folder and local paths: same keys, same pixels."""
+    import fsspec
+
+    from datagen.bench import write_img2dataset_tars
+
+    write_img2dataset_tars(tmp_path / "raw", 6, per_tar=3, size=64)
+    mem = fsspec.filesystem("memory")
+    for name in ("00000.tar", "00001.tar"):
+        mem.pipe(f"/h25-raw/{name}", (tmp_path / "raw" / name).read_bytes())
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name, data in _tar_members(tmp_path / "raw" / "00000.tar").items():
+        (folder / name).write_bytes(data)
+    runs = {
+        "local tars": ("tars", str(tmp_path / "raw" / "{00000..00001}.tar")),
+        "memory tars": ("tars", "memory:///h25-raw/{00000..00001}.tar"),
+        "local folder": ("folder", str(folder)),
+        "file folder": ("folder", f"file://{folder}"),
+    }
+    images = {}
+    for name, (kind, path) in runs.items():
+        out = tmp_path / name.replace(" ", "-")
+        run(_config(out, source_kind=kind, source_path=path, shards=1, samples_per_shard=6, image={"size": 64}),
+            engine="local", progress=False)
+        manifest = load_json(out / "manifests" / "000000.json")
+        assert manifest["samples"] + len(manifest["rejected"]) == (6 if kind == "tars" else 3), name
+        _, samples = read_shard(out / "shards" / "000000.tar")
+        images[name] = {k: m["image.png"] for k, m in samples.items()}
+        assert images[name], name
+        assert validate_dataset(out).ok()
+    assert images["memory tars"] == images["local tars"]
+    assert images["file folder"] == images["local folder"]
+    mem.rm("/h25-raw", recursive=True)

@@ -20,12 +20,10 @@ from __future__ import annotations
 import ast
 import contextlib
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
-from unittest import mock
 
 import numpy as np
 
@@ -110,28 +108,18 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
-@contextlib.contextmanager
-def local_text_encoder() -> Iterator[None]:
-    """Make the model's constructor read tokenizer and BERT from the local folder only.
+def local_text_encoder(path: str | Path) -> str:
+    """The text encoder folder as the absolute path the model's constructor reads from.
 
     groundingdino calls ``AutoTokenizer/BertModel.from_pretrained(text_encoder_type)`` without
-    ``local_files_only``; a folder path normally stays local, but a typo'd one would be tried as a
-    hub id. Patching the two helpers it calls makes "no network" a guarantee, not a hope.
+    ``local_files_only``. transformers reads an existing folder locally and only treats a name
+    that is not a folder as a hub id, so handing it the resolved path of a folder that exists
+    (with a config and weights, see :meth:`GroundingDinoStage.check`) keeps loading off the network.
     """
-    from groundingdino.util import get_tokenlizer
-    from transformers import AutoTokenizer, BertModel
-
-    def tokenizer(path: str) -> Any:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-
-    def language_model(path: str) -> Any:
-        return BertModel.from_pretrained(path, local_files_only=True)
-
-    with (
-        mock.patch.object(get_tokenlizer, "get_tokenlizer", tokenizer),
-        mock.patch.object(get_tokenlizer, "get_pretrained_language_model", language_model),
-    ):
-        yield
+    folder = Path(path).expanduser().resolve()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"GroundingDINO text encoder folder {path} lacks config.json (or does not exist)")
+    return str(folder)
 
 
 def _build_backbone(args: SimpleNamespace) -> Any:
@@ -167,32 +155,31 @@ def build_model(cfg: dict[str, Any], text_encoder: str | Path) -> Any:
     from groundingdino.models.GroundingDINO.transformer import build_transformer
 
     args = SimpleNamespace(**cfg)
-    args.text_encoder_type = str(text_encoder)
+    args.text_encoder_type = local_text_encoder(text_encoder)
     # Gradient checkpointing is a training device; in inference it only adds warnings.
     args.use_checkpoint = args.use_transformer_ckpt = False
-    with local_text_encoder():
-        return GroundingDINO(
-            _build_backbone(args),
-            build_transformer(args),
-            num_queries=args.num_queries,
-            aux_loss=True,
-            iter_update=True,
-            query_dim=4,
-            num_feature_levels=args.num_feature_levels,
-            nheads=args.nheads,
-            dec_pred_bbox_embed_share=args.dec_pred_bbox_embed_share,
-            two_stage_type=args.two_stage_type,
-            two_stage_bbox_embed_share=args.two_stage_bbox_embed_share,
-            two_stage_class_embed_share=args.two_stage_class_embed_share,
-            num_patterns=args.num_patterns,
-            dn_number=0,
-            dn_box_noise_scale=args.dn_box_noise_scale,
-            dn_label_noise_ratio=args.dn_label_noise_ratio,
-            dn_labelbook_size=args.dn_labelbook_size,
-            text_encoder_type=args.text_encoder_type,
-            sub_sentence_present=args.sub_sentence_present,
-            max_text_len=args.max_text_len,
-        )
+    return GroundingDINO(
+        _build_backbone(args),
+        build_transformer(args),
+        num_queries=args.num_queries,
+        aux_loss=True,
+        iter_update=True,
+        query_dim=4,
+        num_feature_levels=args.num_feature_levels,
+        nheads=args.nheads,
+        dec_pred_bbox_embed_share=args.dec_pred_bbox_embed_share,
+        two_stage_type=args.two_stage_type,
+        two_stage_bbox_embed_share=args.two_stage_bbox_embed_share,
+        two_stage_class_embed_share=args.two_stage_class_embed_share,
+        num_patterns=args.num_patterns,
+        dn_number=0,
+        dn_box_noise_scale=args.dn_box_noise_scale,
+        dn_label_noise_ratio=args.dn_label_noise_ratio,
+        dn_labelbook_size=args.dn_labelbook_size,
+        text_encoder_type=args.text_encoder_type,
+        sub_sentence_present=args.sub_sentence_present,
+        max_text_len=args.max_text_len,
+    )
 
 
 def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> dict[str, Any]:
