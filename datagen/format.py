@@ -177,8 +177,6 @@ def check_sample(sample: LayerSample, max_layers: int | None = None,
         if mask.shape != (h, w):
             problems.append(f"mask.{n} shape {mask.shape} != ({h}, {w})")
             continue
-        if not np.isin(mask, (0, 255)).all():
-            problems.append(f"mask.{n} is not binary (0/255)")
         if not mask.any():
             problems.append(f"mask.{n} is empty")
         if fg[mask == 0].any():

@@ -204,8 +204,6 @@ def light_check(sample: LayerSample, max_layers: int | None = None) -> list[str]
     for n, (fg, mask) in enumerate(zip(sample.foregrounds, sample.masks, strict=True)):
         if fg.shape != (h, w, 3) or mask.shape != (h, w):
             problems.append(f"fg.{n}/mask.{n} shapes {fg.shape}/{mask.shape} != image ({h}, {w})")
-        elif not np.isin(mask, (0, 255)).all():
-            problems.append(f"mask.{n} is not binary (0/255)")
         if n < len(layers) and layers[n].get("index") != n:
             problems.append(f"json layers[{n}].index is {layers[n].get('index')}")
     return problems

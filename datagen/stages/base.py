@@ -119,6 +119,36 @@ class Stage:
         return items
 
 
+@dataclass
+class SoftAlphaParams:
+    """Soft alpha at object edges, shared by the segment backends' params (``datagen.alpha``)."""
+
+    soft_alpha: bool = True  # matte a band around each mask's edge: soft alpha and decontaminated
+    # colours where the image's edges are soft (False: binary masks, as format 1)
+    alpha_band: int = 4  # px either side of each mask's boundary that the matting re-estimates
+
+
+class Segmenter(Stage):
+    """A segment backend: its ``process`` sets binary ``det.mask`` values; then, with the
+    ``soft_alpha`` param, every mask's edge is matted here (one place for every backend)."""
+
+    stage = "segment"
+
+    def run_items(self, items: list[Item]) -> list[Item]:
+        super().run_items(items)
+        if getattr(self.params, "soft_alpha", False):
+            from datagen.alpha import soften_detections
+
+            for it in items:
+                if not it.ok or it.image is None:
+                    continue
+                try:
+                    soften_detections(it.image, it.detections, self.params.alpha_band)
+                except Exception as err:  # noqa: BLE001 - recorded, never fatal
+                    it.reject(self.stage, "soft alpha: " + _describe(err))
+        return items
+
+
 def _describe(err: BaseException) -> str:
     frame = traceback.extract_tb(err.__traceback__)[-1:] if err.__traceback__ else []
     where = f" ({Path(frame[0].filename).name}:{frame[0].lineno})" if frame else ""

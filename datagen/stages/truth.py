@@ -67,6 +67,7 @@ class TruthSegmenter(Stage):
                 depth = det.extra["depth"]
                 det.mask = scene.masks[depth].copy()
                 det.pixels = scene.foregrounds[depth].copy()
+                det.extra["extent"] = "amodal"  # the whole shape, hidden parts included
 
 
 @register
