@@ -201,3 +201,32 @@ def soften_detections(image: np.ndarray, detections: Sequence[Any], band: int,
         det.pixels = foreground_colours(image, alpha, colours)
         soft = int(((alpha > 0) & (alpha < 255)).sum())
         det.extra["soft_px"] = soft
+
+
+def apply_source_alpha(image: np.ndarray, source_alpha: np.ndarray, detections: Sequence[Any],
+                       band: int, background: Sequence[int] = (255, 255, 255)) -> None:
+    """Bound every detection by the source image's own alpha, in place.
+
+    ``image`` is the source composited over ``background`` (what the decode stage hands on).
+    A layer is never more opaque than the source (transparent pixels are no object), and near
+    its mask (within ``band`` px) where the source is partly transparent, its alpha IS the
+    source's, with the source's straight colours recovered from the composite there.
+    """
+    src = np.asarray(source_alpha, np.uint8)
+    partial = (src > 0) & (src < 255)
+    a = src.astype(np.float32)[..., None] / 255.0
+    bg = np.asarray(background, np.float32)
+    # Straight colours where the source is partly transparent: I = a F + (1 - a) bg.
+    straight = np.clip(np.rint((image.astype(np.float32) - (1.0 - a) * bg) / np.maximum(a, 1e-6)),
+                       0, 255).astype(np.uint8)
+    k = _disk(max(1, int(band)))
+    for det in detections:
+        if det.mask is None:
+            continue
+        mask = np.asarray(det.mask, np.uint8)
+        near = (cv2.dilate((mask > 127).astype(np.uint8), k) > 0) & partial
+        alpha = np.where(near, src, np.minimum(mask, src)).astype(np.uint8)
+        pixels = det.pixels if det.pixels is not None else np.where(mask[..., None] > 0, image, 0)
+        pixels = np.where(partial[..., None], straight, pixels)
+        det.mask = alpha
+        det.pixels = np.where(alpha[..., None] > 0, pixels, 0).astype(np.uint8)

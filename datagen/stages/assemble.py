@@ -176,7 +176,7 @@ class LayerAssembler(Stage):
             return
         # Encode here, in the actor: the driver only writes bytes, and PNGs travel lighter than arrays.
         item.members, item.num_layers = sample.to_members(), sample.num_layers
-        item.image = item.background = item.truth = None
+        item.image = item.background = item.truth = item.alpha = None
         item.detections = []
 
     def _sample(self, item: Item, layers: list[Detection], fgs: list[np.ndarray],

@@ -139,7 +139,8 @@ class SoftAlphaParams:
 
 class Segmenter(Stage):
     """A segment backend: its ``process`` sets binary ``det.mask`` values; then, with the
-    ``soft_alpha`` param, every mask's edge is matted here (one place for every backend)."""
+    ``soft_alpha`` param, every mask's edge is matted here (one place for every backend), and
+    a source with its own alpha (``Item.alpha``) bounds every layer."""
 
     stage = "segment"
 
@@ -156,6 +157,15 @@ class Segmenter(Stage):
                                       self.params.alpha_colours)
                 except Exception as err:  # noqa: BLE001 - recorded, never fatal
                     it.reject(self.stage, "soft alpha: " + _describe(err))
+        for it in items:  # a source with its own alpha: layers never reach past it
+            if it.ok and it.alpha is not None and it.image is not None:
+                from datagen.alpha import apply_source_alpha
+
+                apply_source_alpha(it.image, it.alpha, it.detections, getattr(self.params, "alpha_band", 4),
+                                   it.quality.get("alpha_background", (255, 255, 255)))
+                it.detections = [d for d in it.detections if d.mask is None or d.mask.any()]
+                if not it.detections:
+                    it.reject(self.stage, "every mask lies where the source image is transparent")
         return items
 
 

@@ -163,3 +163,63 @@ def test_score_alpha_soft_beats_binary_on_blurred_scenes() -> None:
     assert soft["alpha_soft_iou"] > binary["alpha_soft_iou"] + 0.02
     assert soft["rgb_l1"] < binary["rgb_l1"]
     assert binary["soft_px_per_scene"] == 0 < soft["soft_px_per_scene"]
+
+
+def _rgba_source(tmp_path, size: int = 128):
+    """A sticker: a red disc with an anti-aliased (soft) outline, on pixels that are transparent
+    (whose colours are noise, as exporters often leave them), and its true alpha."""
+    rng = np.random.default_rng(0)
+    k = 4
+    yy, xx = np.mgrid[0:size * k, 0:size * k]
+    disc = ((yy + 0.5) / k - 64) ** 2 + ((xx + 0.5) / k - 60) ** 2 <= 30**2
+    alpha = np.rint(disc.reshape(size, k, size, k).mean(axis=(1, 3)) * 255).astype(np.uint8)
+    rgb = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    rgb[alpha > 0] = (210, 40, 40)
+    path = tmp_path / "sticker.png"
+    from PIL import Image
+
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(path)
+    return path, alpha
+
+
+def test_source_alpha_is_kept_and_bounds_the_layers(tmp_path) -> None:
+    path, alpha = _rgba_source(tmp_path)
+    decode = get_backend("decode", "pil")(None, StageContext(image_size=128))
+    item = Item(key="sticker", shard=0, index=0, uri=str(path),
+                source={"kind": "file", "path": str(path), "root": str(tmp_path)}, caption="a red disc")
+    decode.run_items([item])
+    assert item.ok, item.rejected
+    assert item.alpha is not None and np.abs(item.alpha.astype(int) - alpha).max() <= 1
+    # The stages see the sticker over white, not the noise under its transparent pixels.
+    assert (item.image[alpha == 0] == 255).all()
+    stages = build_stages(128)
+    run_stages(stages, [item])
+    assert item.ok, item.rejected
+    assert len(item.detections) == 1
+    det = item.detections[0]
+    # The layer's alpha is the source's: soft on the outline, 0 wherever the source is transparent.
+    assert (det.mask[alpha == 0] == 0).all()
+    edge = (alpha > 0) & (alpha < 255)
+    assert np.abs(det.mask[edge].astype(int) - item.alpha[edge]).max() == 0
+    # Straight colours at the soft outline: the disc's red, not red mixed with white.
+    strong = edge & (alpha >= 64)
+    assert np.abs(det.pixels[strong].astype(int) - (210, 40, 40)).max() <= 4
+    assemble = get_backend("assemble", "layers")(None, StageContext(image_size=128))
+    assemble.run_items([item])
+    assert item.ok, item.rejected
+    sample = LayerSample.from_members("sticker", item.members)
+    assert sample.meta["quality"]["source_alpha_share"] > 0.5
+    assert psnr(sample.recompose(), sample.image) >= 30
+    assert np.abs(sample.masks[0].astype(int) - alpha).max() <= 1
+
+
+def test_opaque_rgba_is_plain_rgb(tmp_path) -> None:
+    from PIL import Image
+
+    path = tmp_path / "opaque.png"
+    Image.fromarray(np.full((64, 64, 4), 200, np.uint8) | np.array([0, 0, 0, 255], np.uint8), "RGBA").save(path)
+    decode = get_backend("decode", "pil")(None, StageContext(image_size=64))
+    item = Item(key="o", shard=0, index=0, uri=str(path), source={"kind": "file", "path": str(path),
+                                                                 "root": str(tmp_path)})
+    decode.run_items([item])
+    assert item.ok and item.alpha is None and item.image.shape == (64, 64, 3)
