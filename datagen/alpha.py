@@ -121,9 +121,13 @@ def refine_edge_alpha(image: np.ndarray, mask: np.ndarray, band: int, *,
     crop_tri = tri[ys, xs].astype(np.float64) / 255.0
     crop_tri[tri[ys, xs] == 128] = 0.5
     # Closed-form matting's window size 1 (3x3) and a small epsilon keep flat colours exact.
-    a = estimate_alpha_cf(image[ys, xs].astype(np.float64) / 255.0, crop_tri,
-                          laplacian_kwargs={"epsilon": 1e-7}, cg_kwargs={"maxiter": 500})
-    if not np.isfinite(a).all():  # the solver broke down (e.g. a degenerate band): keep the mask
+    try:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            a = estimate_alpha_cf(image[ys, xs].astype(np.float64) / 255.0, crop_tri,
+                                  laplacian_kwargs={"epsilon": 1e-7}, cg_kwargs={"maxiter": 500})
+    except ValueError:  # conjugate gradients did not converge
+        a = np.full(crop_tri.shape, np.nan)
+    if not np.isfinite(a).all():  # the solver broke down (a degenerate band): keep the binary mask
         return np.where(np.asarray(mask) > 127, 255, 0).astype(np.uint8)
     a8 = np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
     a8[a8 <= snap] = 0
