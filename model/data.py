@@ -15,7 +15,8 @@ URLs webdataset can open, or a dataset folder through its ``manifest.json``. Per
    guidance (all prompts together, the global prompt alone, each layer prompt alone).
 
 Layer order in a ``(L, 3, H, W)`` tensor, L = 1 + 2*K_max: 0 = background, 1..K_max =
-foregrounds, K_max+1..2*K_max = masks (the mask replicated to 3 channels, -1 out / +1 in).
+foregrounds, K_max+1..2*K_max = masks (the 8-bit alpha replicated to 3 channels, -1 transparent /
++1 opaque, soft edges continuous: no re-thresholding).
 """
 
 from __future__ import annotations
@@ -293,7 +294,7 @@ def to_example(sample: LayerSample, resolution: int, max_layers: int, fg_fill: s
         else:
             inside_for_fill = inside
         layers[1 + n] = fill_outside(colour, inside_for_fill, fg_fill)
-        layers[1 + max_layers + n] = inside.float()[None].expand(3, -1, -1)
+        layers[1 + max_layers + n] = alphas[n].clamp(0, 1)[None].expand(3, -1, -1)  # soft, as stored
     layers = layers * 2 - 1
 
     present = torch.zeros(1 + 2 * max_layers, dtype=torch.bool)
@@ -428,11 +429,12 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def split_layers(layers: torch.Tensor, present: torch.Tensor | None = None,
-                 threshold: float = 0.5) -> dict[str, Any]:
+                 threshold: float | None = None) -> dict[str, Any]:
     """One (L, 3, H, W) tensor in [-1, 1] -> background, foregrounds, soft masks and alphas in [0, 1].
 
-    ``alphas`` are the masks binarised at ``threshold`` (the format's hard masks); only present
-    foregrounds (all, if ``present`` is None) are returned.
+    ``alphas`` are the masks as the format stores them: soft (8-bit alpha), or binarised at
+    ``threshold`` when one is given; only present foregrounds (all, if ``present`` is None) are
+    returned.
     """
     k_max = (layers.shape[0] - 1) // 2
     ks = [n for n in range(k_max) if present is None or bool(present[1 + n])]
@@ -442,5 +444,5 @@ def split_layers(layers: torch.Tensor, present: torch.Tensor | None = None,
         "background": unit[0],
         "foregrounds": [unit[1 + n] for n in ks],
         "masks": masks,
-        "alphas": [(m >= threshold).float() for m in masks],
+        "alphas": [m if threshold is None else (m >= threshold).float() for m in masks],
     }

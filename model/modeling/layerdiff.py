@@ -380,8 +380,10 @@ class LayerDiffModel(nn.Module):
         sq_err = (pred - self.target(x0, noise, t).float()) ** 2 / self.slot_scale(x0.ndim) ** 2
         if self.config.mask_logits:  # the mask slots' error is the cross-entropy of their logits
             k = self.config.max_layers
-            inside = (x0[:, 1 + k:] > 0).float()
-            bce = F.binary_cross_entropy_with_logits(pred[:, 1 + k:], inside, reduction="none")
+            # Soft targets: the stored alpha itself (x0 is the mask times its slot's scale), no
+            # re-thresholding, so soft edges are learnt as soft.
+            alpha = ((x0[:, 1 + k:].float() / self.slot_scale(x0.ndim)[:, 1 + k:] + 1) / 2).clamp(0, 1)
+            bce = F.binary_cross_entropy_with_logits(pred[:, 1 + k:], alpha, reduction="none")
             sq_err = torch.cat([sq_err[:, : 1 + k], bce], dim=1)
         per_slot = sq_err.sum(dim=(2, 3, 4)) / numel * present.float()  # (B, L)
         roles = slot_roles(self.config.max_layers).to(self.device)

@@ -84,10 +84,28 @@ def test_resize_and_crop_keep_layers_aligned(tmp_path: Path) -> None:
     (ex,) = list(make_dataset(_cfg(str(shard)), train=False))
     fg, mask = ex["layers"][1], ex["layers"][4]
     assert fg.shape == (3, 32, 32)
-    assert set(mask.unique().tolist()) <= {-1.0, 1.0}  # binarised after resizing
+    assert float(mask.min()) >= -1 and float(mask.max()) <= 1  # soft after resizing: not re-thresholded
     assert int((mask[0] > 0).sum()) == 16 * 16
+    assert abs(float(((mask[0] + 1) / 2).sum()) - 16 * 16) < 1.0  # the alpha's mass is kept
     red = torch.tensor([220, 40, 40]) / 127.5 - 1
     assert torch.allclose(fg[:, 0, 0], red, atol=2e-2)  # edge colour not darkened by the zero fill
+
+
+def test_soft_alpha_trains_as_stored(tmp_path: Path) -> None:
+    import numpy as np
+
+    from tests.train.shards import png
+
+    members = make_members("soft", 32, [("red", (4, 4, 20, 20))])
+    mask = np.zeros((32, 32), np.uint8)
+    mask[4:20, 4:20] = 255
+    mask[4:20, 20] = 128  # a half-covered column: the object's soft edge
+    mask[4:20, 3] = 64
+    members["mask.0.png"] = png(mask)
+    shard = write_tar(tmp_path / "s.tar", [("soft", members)])
+    (ex,) = list(make_dataset(_cfg(str(shard)), train=False))
+    got = (ex["layers"][4][0] + 1) / 2 * 255
+    assert torch.allclose(got, torch.from_numpy(mask).float(), atol=0.5)  # continuous targets, as stored
 
 
 def test_caption_dropout() -> None:
@@ -128,7 +146,7 @@ def test_split_by_node_gives_disjoint_shards(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("damage, message", [
     ("truncated", r"shard .*bad\.tar(: unreadable after sample ok|, sample broken: .*missing member)"),
-    ("soft_mask", r"shard .*bad\.tar, sample broken: mask\.0 is not binary"),
+    ("small_mask", r"shard .*bad\.tar, sample broken: fg\.0/mask\.0 shapes .* != image \(32, 32\)"),
     ("missing_mask", r"shard .*bad\.tar, sample broken: .*missing member broken\.mask\.0\.png"),
     ("bad_png", r"shard .*bad\.tar, sample broken: member broken\.fg\.0\.png does not decode"),
     ("split_sample", r"shard .*bad\.tar, sample broken: .*missing member broken\.txt"),
@@ -138,13 +156,13 @@ def test_corrupt_shard_names_shard_and_key(tmp_path: Path, damage: str, message:
     good = make_members("ok", 32, [("red", (4, 4, 12, 12))])
     bad = make_members("broken", 32, [("red", (4, 4, 12, 12))])
     samples = [("ok", good), ("broken", bad)]
-    if damage == "soft_mask":
+    if damage == "small_mask":  # an alpha of the wrong size
         import numpy as np
 
         from tests.train.shards import png
 
-        mask = np.zeros((32, 32), np.uint8)
-        mask[4:12, 4:12] = 128
+        mask = np.zeros((16, 16), np.uint8)
+        mask[2:6, 2:6] = 255
         bad["mask.0.png"] = png(mask)
     elif damage == "missing_mask":
         del bad["mask.0.png"]
