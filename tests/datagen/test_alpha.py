@@ -223,3 +223,27 @@ def test_opaque_rgba_is_plain_rgb(tmp_path) -> None:
                                                                  "root": str(tmp_path)})
     decode.run_items([item])
     assert item.ok and item.alpha is None and item.image.shape == (64, 64, 3)
+
+
+def test_dataset_from_a_transparent_source_keeps_soft_alpha(tmp_path) -> None:
+    from datagen.config import load_config
+    from datagen.runner import run
+    from manifests.validate import validate_dataset
+    from tests.datagen.helpers import read_shard
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _path, alpha = _rgba_source(src)
+    out = tmp_path / "out"
+    cfg = load_config("pipelines/default.yaml", {"output": str(out), "source_kind": "folder",
+                                                 "source_path": str(src), "shards": 1,
+                                                 "samples_per_shard": 4, "image": {"size": 128}})
+    run(cfg, engine="local", progress=False)
+    assert validate_dataset(out).ok()
+    _names, samples = read_shard(out / "shards" / "000000.tar")
+    (members,) = samples.values()
+    key = next(iter(samples))
+    sample = LayerSample.from_members(key, members)
+    assert sample.num_layers == 1
+    assert np.abs(sample.masks[0].astype(int) - alpha).max() <= 1  # the source's own soft outline
+    assert ((sample.masks[0] > 0) & (sample.masks[0] < 255)).sum() > 50
