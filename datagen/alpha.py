@@ -23,6 +23,8 @@ cached on disk next to the package); the import is deferred to the first mask wi
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -93,6 +95,20 @@ def _near_colour(image: np.ndarray, known: np.ndarray, where: np.ndarray, radius
     return best
 
 
+def _in_palette(pixels: np.ndarray, palette: np.ndarray, bin_size: int = 8) -> np.ndarray:
+    """bool per pixel (N, 3): its colour, quantised to ``bin_size``, is that of a ``palette``
+    colour (M, 3)."""
+    n = 256 // bin_size
+
+    def index(colours: np.ndarray) -> np.ndarray:
+        q = colours.astype(np.int32) // bin_size
+        return (q[..., 0] * n + q[..., 1]) * n + q[..., 2]
+
+    lut = np.zeros(n**3, bool)
+    lut[index(palette)] = True
+    return lut[index(pixels)]
+
+
 def refine_edge_alpha(image: np.ndarray, mask: np.ndarray, band: int, *,
                       exclude: np.ndarray | None = None, snap: int = ALPHA_SNAP,
                       colour_tolerance: float = COLOUR_TOLERANCE) -> np.ndarray:
@@ -120,9 +136,10 @@ def refine_edge_alpha(image: np.ndarray, mask: np.ndarray, band: int, *,
     ys, xs = _crop(unknown, band + 2)
     crop_tri = tri[ys, xs].astype(np.float64) / 255.0
     crop_tri[tri[ys, xs] == 128] = 0.5
-    # Closed-form matting's window size 1 (3x3) and a small epsilon keep flat colours exact.
+    # pymatting's closed form: 3x3 windows, epsilon 1e-7 (its defaults); CG capped at 500 steps.
     try:
-        with np.errstate(divide="ignore", invalid="ignore"):
+        # (pymatting prints a "PERFORMANCE WARNING" when its preconditioner needs a shift: not ours to show)
+        with np.errstate(divide="ignore", invalid="ignore"), contextlib.redirect_stdout(io.StringIO()):
             a = estimate_alpha_cf(image[ys, xs].astype(np.float64) / 255.0, crop_tri,
                                   laplacian_kwargs={"epsilon": 1e-7}, cg_kwargs={"maxiter": 500})
     except ValueError:  # conjugate gradients did not converge
@@ -133,16 +150,27 @@ def refine_edge_alpha(image: np.ndarray, mask: np.ndarray, band: int, *,
     a8[a8 <= snap] = 0
     a8[a8 >= 255 - snap] = 255
     # Evidence of a mixed pixel: a colour within ``colour_tolerance`` of a definite foreground
-    # (background) pixel's nearby is that side's, whatever the solver says. Noise on a hard edge
-    # (a grainy background, JPEG) or a second background colour (stripes) then makes no fringe.
-    crop = image[ys, xs].astype(np.float32)
+    # (background) pixel's nearby is that side's, whatever the solver says; so is a colour that
+    # occurs in the background well away from the edge (3 bands out, past the tail of a blurred
+    # edge, whose mixed colours must stay soft). Noise on a hard edge (a grainy background, JPEG)
+    # or a second background colour (stripes, checks) then makes no fringe. (The object's own
+    # colours are no such evidence: a blurred edge reaches into the eroded mask.)
+    crop = image[ys, xs]
     tri_c = tri[ys, xs]
-    todo = (tri_c == 128) & (a8 > 0) & (a8 < 255)
-    if todo.any():
-        for side in (255, 0):
-            near = _near_colour(crop, tri_c == side, todo, 2 * band + 3) <= colour_tolerance
-            a8[near & todo] = side
-            todo &= ~near
+    todo = tri_c == 128
+    radius = 2 * band + 3
+    dist = {side: _near_colour(crop.astype(np.float32), tri_c == side, todo, radius)[todo] for side in (255, 0)}
+    near_f, near_b = dist[255] <= colour_tolerance, dist[0] <= colour_tolerance
+    far = cv2.dilate((np.asarray(mask) > 127).astype(np.uint8), _disk(3 * band)) == 0
+    if exclude is not None:
+        far &= ~exclude
+    big = _crop(unknown, 4 * band + 2)
+    in_b = _in_palette(crop[todo], image[big][far[big]])
+    vals = a8[todo]
+    vals[near_f & (~near_b | (dist[255] <= dist[0]))] = 255
+    vals[near_b & (~near_f | (dist[0] < dist[255]))] = 0
+    vals[~near_f & ~near_b & in_b] = 0
+    a8[todo] = vals
     region = alpha[ys, xs]
     region[unknown[ys, xs]] = a8[unknown[ys, xs]]
     return alpha
