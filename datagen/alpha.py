@@ -184,7 +184,7 @@ def foreground_colours(image: np.ndarray, alpha: np.ndarray, method: str = "near
     255, 0 where it is 0, and where it is soft a colour from the foreground side, not the mix.
 
     ``method`` "nearest": the colour of the nearest opaque pixel of the layer (cheap: measured as
-    good as "ml" on the soft-edged scenes, at a tenth of its CPU time, BENCHMARKS.md); "ml":
+    good as "ml" on the soft-edged scenes, at about a third of the pipeline CPU time, BENCHMARKS.md); "ml":
     ``pymatting.estimate_foreground_ml`` (multilevel foreground estimation, Germer et al. 2020),
     which also follows texture along the edge.
     """

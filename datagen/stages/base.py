@@ -128,7 +128,7 @@ class SoftAlphaParams:
     alpha_band: int = 4  # px either side of each mask's boundary that the matting re-estimates
     # (measured on blurred scenes: 3 and 4 px beat 6, where the solver starts to fail)
     alpha_colours: str = "nearest"  # edge colours: "nearest" opaque pixel's, or "ml" (pymatting's
-    # multilevel estimate: follows texture, ~10x the CPU time)
+    # multilevel estimate: follows texture, ~3x the soft path's CPU time, BENCHMARKS.md)
 
     def __post_init__(self) -> None:
         if self.alpha_band < 1:
