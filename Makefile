@@ -33,6 +33,7 @@ help:
 $(STAMP): requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(PY) -c "import pymatting"  # compiles its numba kernels once (~30 s), cached for every later run
 	touch $(STAMP)
 
 setup: $(STAMP)

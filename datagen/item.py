@@ -39,6 +39,8 @@ class Item:
     source: dict[str, Any]
     sha256: str = ""
     image: np.ndarray | None = None  # uint8 (H, W, 3), normalised
+    alpha: np.ndarray | None = None  # uint8 (H, W): the source's own alpha (None: opaque); image is
+    # the source composited over the decode stage's alpha_background
     caption: str = ""
     source_meta: dict[str, Any] = field(default_factory=dict)
     phrases: list[str] = field(default_factory=list)
@@ -55,7 +57,7 @@ class Item:
         """Mark the item rejected by ``stage`` (the first rejection wins) and drop its pixels."""
         if self.rejected is None:
             self.rejected = {"stage": stage, "reason": reason[:500]}
-        self.image = self.background = self.members = self.truth = None
+        self.image = self.background = self.members = self.truth = self.alpha = None
         self.detections = []
 
     @property

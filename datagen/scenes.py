@@ -6,6 +6,11 @@ its FULL shape mask (uint8 0/255), so ``compose_uint8(background, foregrounds, m
 reproduces the image exactly. Shapes are rasterised at pixel centres without anti-aliasing
 (hard edges), so the masks are exact.
 
+``edges="antialias"`` or ``"blur"`` draws soft edges instead (an option; the default scenes keep
+their hard edges): each layer's mask is then its TRUE 8-bit alpha (area coverage from 4x4
+supersampling, blurred by a Gaussian of sigma ``BLUR_SIGMA`` px for "blur"), and the image is the
+composite of the layers with those alphas, so the truth is still exact.
+
 The geometry comes from the seed alone, in units of the image size, so one seed gives the same
 scene at 256 and at 512 px (only the pixel noise of the "noise" background differs).
 """
@@ -36,6 +41,9 @@ _CHECK_RES = 128  # placements are checked at a fixed resolution so every size a
 _STAR_INNER = 0.45  # inner/outer radius of the five-pointed star
 MAX_OBJECT_SCALE = 1.6  # larger objects no longer fit the frame with a margin
 _DIAMOND_RATIO = 0.6  # short/long half-diagonal of the diamond (a square has 1)
+EDGES: tuple[str, ...] = ("hard", "antialias", "blur")
+SUPERSAMPLE = 4  # anti-aliased edges: coverage of a 4x4 grid of samples per pixel
+BLUR_SIGMA = (0.8, 2.0)  # "blur" edges: Gaussian sigma in px (at 256 px; scaled with the size), per layer
 
 _BG_WORDS = {
     "flat": "{c} background",
@@ -67,7 +75,7 @@ class Scene:
     image: np.ndarray  # uint8 (H, W, 3)
     background: np.ndarray  # uint8 (H, W, 3)
     foregrounds: list[np.ndarray]  # uint8 (H, W, 3): colour inside the mask, 0 outside
-    masks: list[np.ndarray]  # uint8 (H, W), 255 inside the FULL shape
+    masks: list[np.ndarray]  # uint8 (H, W), 255 inside the FULL shape (soft edges: its true alpha)
     shapes: list[str]
     colours: list[str]
     phrases: list[str]  # "red star", per layer
@@ -77,6 +85,7 @@ class Scene:
     background_caption: str  # "a striped green background"
     caption: str  # "a red star and a blue square on a striped green background"
     specs: list[ShapeSpec] = field(default_factory=list)
+    edges: str = "hard"
 
     @property
     def num_layers(self) -> int:
@@ -94,6 +103,17 @@ class Scene:
             m = mask > 0
             out.append(np.where(m & ~front, 255, 0).astype(np.uint8))
             front |= m
+        return out[::-1]
+
+    def contributions(self) -> list[np.ndarray]:
+        """Per layer, float (H, W) in [0, 1]: its weight in the composite, alpha_n times the
+        transparency of every layer in front of it (the soft counterpart of :meth:`visible_masks`)."""
+        out = []
+        through = np.ones(self.image.shape[:2], np.float64)
+        for mask in reversed(self.masks):
+            a = mask.astype(np.float64) / 255.0
+            out.append(a * through)
+            through = through * (1.0 - a)
         return out[::-1]
 
     def hole(self) -> np.ndarray:
@@ -155,6 +175,21 @@ def shape_mask(spec: ShapeSpec, size: int) -> np.ndarray:
             out |= _convex(x, y, kite)
         return out
     raise ValueError(f"unknown shape {spec.shape!r}; choose from {SHAPES}")
+
+
+def shape_alpha(spec: ShapeSpec, size: int, edges: str = "hard", sigma: float = 0.0) -> np.ndarray:
+    """uint8 (size, size) alpha of one shape: 0/255 for hard edges; for "antialias" the covered
+    share of each pixel (SUPERSAMPLE^2 samples); for "blur" that coverage blurred by ``sigma`` px."""
+    if edges == "hard":
+        return np.where(shape_mask(spec, size), 255, 0).astype(np.uint8)
+    if edges not in EDGES:
+        raise ValueError(f"unknown edges {edges!r}; choose from {EDGES}")
+    k = SUPERSAMPLE
+    fine = shape_mask(spec, size * k).astype(np.float64)
+    cover = fine.reshape(size, k, size, k).mean(axis=(1, 3))
+    if edges == "blur" and sigma > 0:
+        cover = cv2.GaussianBlur(cover, (0, 0), sigma, borderType=cv2.BORDER_CONSTANT)
+    return np.clip(np.rint(cover * 255.0), 0, 255).astype(np.uint8)
 
 
 def _mix(c: Sequence[float], other: Sequence[float], t: float) -> np.ndarray:
@@ -253,7 +288,7 @@ def make_scene(seed: int, size: int = 256, *, n_objects: int | tuple[int, int] =
                background_colours: Sequence[str] = BACKGROUND_COLOURS,
                combos: Collection[tuple[str, str]] | None = None,
                exclude: Collection[tuple[str, str]] = (), object_scale: float = 1.0,
-               upright: bool = False) -> Scene:
+               upright: bool = False, edges: str = "hard") -> Scene:
     """The scene of ``seed`` at ``size`` px, with its true layers.
 
     ``n_objects`` is a count or an inclusive range. ``combos`` restricts the (colour, shape)
@@ -262,7 +297,11 @@ def make_scene(seed: int, size: int = 256, *, n_objects: int | tuple[int, int] =
     and far from every background tone, so each object is separable by colour. ``object_scale``
     multiplies every object's size (1: circumradius 9-24% of the image, by object count).
     ``upright``: every shape in one fixed rotation (:data:`UPRIGHT_ANGLES`) instead of a random one.
+    ``edges``: "hard" (the default look), "antialias" or "blur" (soft edges with known alpha; the
+    same geometry as "hard" for a seed).
     """
+    if edges not in EDGES:
+        raise ValueError(f"unknown edges {edges!r}; choose from {EDGES}")
     rng = np.random.default_rng([seed, 0])
     noise_rng = np.random.default_rng([seed, 1, size])
     lo, hi = (n_objects, n_objects) if isinstance(n_objects, int) else n_objects
@@ -300,19 +339,21 @@ def make_scene(seed: int, size: int = 256, *, n_objects: int | tuple[int, int] =
                 break
         if specs is None:
             continue
-        return _build(seed, size, kind, bg_colour, params, specs, noise_rng)
+        return _build(seed, size, kind, bg_colour, params, specs, noise_rng, edges)
     raise RuntimeError(f"seed {seed}: could not build a scene under the given restrictions")
 
 
 def _build(seed: int, size: int, kind: str, bg_colour: str, params: dict[str, float],
-           specs: list[ShapeSpec], noise_rng: np.random.Generator) -> Scene:
+           specs: list[ShapeSpec], noise_rng: np.random.Generator, edges: str = "hard") -> Scene:
     background = _render_background(kind, bg_colour, size, params, noise_rng)
     masks, fgs = [], []
+    blur_rng = np.random.default_rng([seed, 2])  # its own stream: the hard scene's draws stay as they are
     for spec in specs:
-        m = shape_mask(spec, size)
-        masks.append(np.where(m, 255, 0).astype(np.uint8))
+        sigma = float(blur_rng.uniform(*BLUR_SIGMA)) * size / 256
+        m = shape_alpha(spec, size, edges, sigma)
+        masks.append(m)
         fg = np.zeros((size, size, 3), np.uint8)
-        fg[m] = PALETTE[spec.colour]
+        fg[m > 0] = PALETTE[spec.colour]
         fgs.append(fg)
     image = compose_uint8(background, fgs, masks)
     phrases = [f"{s.colour} {s.shape}" for s in specs]
@@ -323,7 +364,7 @@ def _build(seed: int, size: int, kind: str, bg_colour: str, params: dict[str, fl
                  phrases=phrases, layer_captions=[with_article(p) for p in phrases],
                  background_kind=kind, background_colour=bg_colour,
                  background_caption=with_article(bg_phrase),
-                 caption=join_caption(phrases[::-1], bg_phrase), specs=specs)
+                 caption=join_caption(phrases[::-1], bg_phrase), specs=specs, edges=edges)
 
 
 def split_combos(holdout_fraction: float = 0.25, seed: int = 0,

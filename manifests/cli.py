@@ -1,4 +1,4 @@
-"""``python -m manifests``: summary, validate, preview and upgrade of a LayerDiff dataset."""
+"""``python -m manifests``: summary, validate, preview, export and upgrade of a LayerDiff dataset."""
 
 from __future__ import annotations
 
@@ -41,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("upgrade", help="rewrite a format-1 dataset as format 2, shard by shard (rerun-safe)")
     p.add_argument("out", type=Path, help="dataset directory")
+    p = sub.add_parser("export", help="per sample: RGBA PNG per layer, layers.ora and layers.psd")
+    p.add_argument("out", type=Path, help="dataset directory")
+    p.add_argument("dest", type=Path, help="folder to write DEST/KEY/ into")
+    p.add_argument("--key", action="append", default=[], help="sample key (repeatable)")
+    p.add_argument("--shard", type=int, default=None, help="take samples from this shard")
+    p.add_argument("-n", type=int, default=8, help="number of samples without --key (default 8)")
     return parser
 
 
@@ -97,6 +103,39 @@ def _upgrade(args: argparse.Namespace) -> int:
         return EXIT_VIOLATIONS
     print(f"OK: {len(report.upgraded)} shards upgraded, {len(report.finished)} finished, "
           f"{len(report.kept)} already format 2; {report.samples} samples rewritten")
+    return 0
+
+
+def export_dataset(out: Path, dest: Path, keys: Sequence[str] = (), shard: int | None = None,
+                   n: int = 8) -> list[Path]:
+    """Export the selected samples of ``out`` (as ``preview`` selects them) to ``dest/KEY/`` with
+    :func:`datagen.export.export_sample`, layers named by their captions; returns the folders."""
+    from datagen.export import export_sample
+    from manifests.preview import select_samples
+
+    folders = []
+    for item in select_samples(out, keys, shard, n):
+        s = item.sample
+        layers = s.meta.get("layers", [])
+        names = [str((s.meta.get("background") or {}).get("caption") or "background")]
+        names += [str(layers[k].get("caption") or layers[k].get("phrase") or "") if k < len(layers) else ""
+                  for k in range(s.num_layers)]
+        folders.append(export_sample(dest / s.key, s.background, s.foregrounds, s.masks, names))
+    return folders
+
+
+def _export(args: argparse.Namespace) -> int:
+    try:
+        folders = export_dataset(args.out, args.dest, keys=args.key, shard=args.shard, n=args.n)
+    except (KeyError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
+        return EXIT_USAGE
+    if not folders:
+        print(f"error: no samples to export in {args.out}", file=sys.stderr)
+        return EXIT_USAGE
+    for folder in folders:
+        print(folder)
+    print(f"exported {len(folders)} samples to {args.dest}")
     return EXIT_OK
 
 
@@ -104,4 +143,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 violations found or upgrade failed, 2 usage error)."""
     args = _parser().parse_args(argv)
     return {"summary": _summary, "validate": _validate, "preview": _preview,
-            "upgrade": _upgrade}[args.command](args)
+            "upgrade": _upgrade,
+            "export": _export}[args.command](args)

@@ -15,7 +15,8 @@ URLs webdataset can open, or a dataset folder through its ``manifest.json``. Per
    guidance (all prompts together, the global prompt alone, each layer prompt alone).
 
 Layer order in a ``(L, 3, H, W)`` tensor, L = 1 + 2*K_max: 0 = background, 1..K_max =
-foregrounds, K_max+1..2*K_max = masks (the alpha replicated to 3 channels, -1 transparent .. +1 opaque).
+foregrounds, K_max+1..2*K_max = masks (the 8-bit alpha replicated to 3 channels, -1 transparent /
++1 opaque, soft edges continuous: no re-thresholding).
 """
 
 from __future__ import annotations
@@ -420,11 +421,12 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def split_layers(layers: torch.Tensor, present: torch.Tensor | None = None,
-                 threshold: float = 0.5) -> dict[str, Any]:
+                 threshold: float | None = None) -> dict[str, Any]:
     """One (L, 3, H, W) tensor in [-1, 1] -> background, foregrounds, soft masks and alphas in [0, 1].
 
-    ``alphas`` are the masks binarised at ``threshold`` (the format's hard masks); only present
-    foregrounds (all, if ``present`` is None) are returned.
+    ``alphas`` are the masks as the format stores them: soft (8-bit alpha), or binarised at
+    ``threshold`` when one is given; only present foregrounds (all, if ``present`` is None) are
+    returned.
     """
     k_max = (layers.shape[0] - 1) // 2
     ks = [n for n in range(k_max) if present is None or bool(present[1 + n])]
@@ -434,5 +436,5 @@ def split_layers(layers: torch.Tensor, present: torch.Tensor | None = None,
         "background": unit[0],
         "foregrounds": [unit[1 + n] for n in ks],
         "masks": masks,
-        "alphas": [(m >= threshold).float() for m in masks],
+        "alphas": [m if threshold is None else (m >= threshold).float() for m in masks],
     }

@@ -9,9 +9,9 @@
         --style-prompt "a striped green background" --strength 0.6 --out samples/restyled
 
 ``--layers``: the foreground prompts separated by '|', back-most first (default: the prompt's object
-phrases). Each sample goes to ``OUT/sample-NNN/``: ``bg.png``, ``fg.N.png``, ``mask.N.png``,
-``composite.png``, ``layers.ora`` (OpenRaster: one layer per foreground, its mask as alpha, over the
-background), plus ``prompts.json``. An edit reads the sample folder's layers and ``prompts.json``.
+phrases). Each sample goes to ``OUT/sample-NNN/`` (``datagen.export.export_sample``): ``bg.png``,
+``fg.N.png``, ``mask.N.png`` (soft alpha), ``layer.N.png`` (RGBA), ``composite.png``, ``layers.ora``
+(OpenRaster) and ``layers.psd`` (Photoshop), layers named by their prompts, plus ``prompts.json``. An edit reads the sample folder's layers and ``prompts.json``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A composable image with K foregrounds becomes L = 1 + 2 * K_max slots, in this order:
 ``0`` background, ``1 .. K_max`` foregrounds 0..K_max-1 (back to front), ``K_max+1 .. 2*K_max``
 masks 0..K_max-1. Pixel values are in [-1, 1]; a mask slot holds the mask on all three channels
-(-1 outside, +1 inside). ``present`` marks the slots a sample uses (background always; foreground
+(-1 transparent, +1 opaque, soft values between: alpha = (m + 1) / 2). ``present`` marks the slots a sample uses (background always; foreground
 n and mask n iff n < K). Composites always go through :func:`datagen.format.compose_layers`.
 """
 
@@ -80,10 +80,10 @@ def _to_uint8(image: torch.Tensor) -> np.ndarray:
 
 def arrays_to_layers(background: np.ndarray, foregrounds: Sequence[np.ndarray],
                      masks: Sequence[np.ndarray], max_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit layers (bg (H, W, 3), fgs (H, W, 3), masks (H, W) 0/255) -> ((L, 3, H, W), present (L,)).
+    """8-bit layers (bg (H, W, 3), fgs (H, W, 3), masks (H, W) 8-bit alphas) -> ((L, 3, H, W), present (L,)).
 
-    Foregrounds are taken as given (whatever fill they carry outside their masks); absent slots are
-    zero for foregrounds and -1 (empty) for masks.
+    Foregrounds are taken as given (whatever fill they carry outside their masks); masks keep their
+    soft values (alpha 0..255 -> -1..1); absent slots are zero for foregrounds and -1 (empty) for masks.
     """
     if len(foregrounds) != len(masks):
         raise ValueError(f"{len(foregrounds)} foregrounds but {len(masks)} masks")
@@ -95,8 +95,8 @@ def arrays_to_layers(background: np.ndarray, foregrounds: Sequence[np.ndarray],
     layers[0] = _to_unit(background)
     for n, (fg, mask) in enumerate(zip(foregrounds, masks)):
         layers[fg_slot(n, max_layers)] = _to_unit(fg)
-        inside = torch.from_numpy(np.asarray(mask) > 127)
-        layers[mask_slot(n, max_layers)] = torch.where(inside, 1.0, -1.0).expand(3, h, w)
+        alpha = torch.from_numpy(np.asarray(mask, np.float32) / 127.5 - 1.0)
+        layers[mask_slot(n, max_layers)] = alpha.expand(3, h, w)
     return layers, present
 
 
@@ -107,21 +107,23 @@ def sample_to_layers(sample: Any, max_layers: int) -> tuple[torch.Tensor, torch.
 
 def layers_to_arrays(layers: torch.Tensor, present: torch.Tensor, zero_outside: bool = True
                      ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-    """(L, 3, H, W) + present (L,) -> (bg uint8, [fg uint8], [mask uint8 0/255]), format-conforming.
+    """(L, 3, H, W) + present (L,) -> (bg uint8, [fg uint8], [8-bit alpha]), format-conforming.
 
-    A mask is binarised at 0 on its channel mean; with ``zero_outside`` each foreground is set to 0
-    outside its mask, as the dataset format requires.
+    A mask's alpha is its channel mean mapped from [-1, 1] to 0..255, soft values kept (no
+    binarisation); with ``zero_outside`` each foreground is set to 0 where its alpha is 0, as the
+    dataset format requires.
     """
     max_layers = (layers.shape[0] - 1) // 2
     background = _to_uint8(layers[0])
     fgs, masks = [], []
     for n in range(int(num_foregrounds(present, max_layers))):
-        mask = (layers[mask_slot(n, max_layers)].float().mean(0) > 0).cpu().numpy()
+        m = layers[mask_slot(n, max_layers)].detach().float().mean(0).cpu().clamp(-1, 1)
+        alpha = ((m + 1.0) * 127.5).round().to(torch.uint8).numpy()
         fg = _to_uint8(layers[fg_slot(n, max_layers)])
         if zero_outside:
-            fg = fg * mask[..., None].astype(np.uint8)
+            fg = np.where(alpha[..., None] > 0, fg, 0).astype(np.uint8)
         fgs.append(fg)
-        masks.append(mask.astype(np.uint8) * 255)
+        masks.append(alpha)
     return background, fgs, masks
 
 
@@ -143,9 +145,9 @@ def compose(layers: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
 
 
 def compose_uint8(layers: torch.Tensor, present: torch.Tensor) -> np.ndarray:
-    """Composite one sample's (L, 3, H, W) layers into an 8-bit (H, W, 3) image (hard masks)."""
-    max_layers = (layers.shape[0] - 1) // 2
-    hard = layers.clone()
-    masks = hard[1 + max_layers :]
-    hard[1 + max_layers :] = torch.where(masks.mean(1, keepdim=True) > 0, 1.0, -1.0).expand_as(masks)
-    return _to_uint8(compose(hard, present))
+    """Composite one sample's (L, 3, H, W) layers into an 8-bit (H, W, 3) image (soft alphas),
+    exactly as the 8-bit layers :func:`layers_to_arrays` gives compose."""
+    from datagen.format import compose_uint8 as compose_arrays
+
+    return compose_arrays(*layers_to_arrays(layers, present, zero_outside=False))
+

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from datagen.export import export_sample
 from datagen.format import compose_uint8 as compose_arrays
 from datagen.phrases import background_phrase, extract_phrases, with_article
 from model.editing import KnownLayers, edit_mask, encode_known, layer_slots, paste_known, sdedit_start
 from model.guidance import SelfMaskGuidance, chain_hooks
 from model.layers import arrays_to_layers, layers_to_arrays, present_vector
 from model.modeling.layerdiff import LayerDiffModel
-from model.ora import rgba, write_ora
 from model.sampling import StepHook, ddim_sample
 
 GUIDANCE_MODES = ("cfg", "smg")  # plain CFG first: the default, measured as good as SMG on the fidelity scenes
@@ -49,7 +49,7 @@ class LayerDiffOutput:
     layer_prompts: list[list[str]] = field(default_factory=list)
 
     def arrays(self, i: int) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-        """Sample i as format-conforming uint8 arrays (bg, fgs zero outside their masks, masks 0/255)."""
+        """Sample i as format-conforming uint8 arrays (bg, fgs zero where alpha is 0, soft 8-bit alphas)."""
         return layers_to_arrays(self.layers[i], self.present[i])
 
     def composite(self, i: int) -> np.ndarray:
@@ -58,35 +58,22 @@ class LayerDiffOutput:
         return compose_arrays(bg, fgs, masks)
 
     def save(self, out: str | Path, prefix: str = "sample") -> list[Path]:
-        """Write each sample to ``out/{prefix}-NNN/``; returns the folders."""
-        return [save_sample(Path(out) / f"{prefix}-{i:03d}", *self.arrays(i)) for i in range(len(self.layers))]
-
-
-def save_sample(folder: str | Path, background: np.ndarray, foregrounds: Sequence[np.ndarray],
-                masks: Sequence[np.ndarray]) -> Path:
-    """``bg.png``, ``fg.N.png``, ``mask.N.png``, ``composite.png`` and ``layers.ora`` in ``folder``."""
-    from PIL import Image
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    composite = compose_arrays(background, foregrounds, masks)
-    Image.fromarray(background).save(folder / "bg.png")
-    for n, (fg, mask) in enumerate(zip(foregrounds, masks, strict=True)):
-        Image.fromarray(fg).save(folder / f"fg.{n}.png")
-        Image.fromarray(mask).save(folder / f"mask.{n}.png")
-    Image.fromarray(composite).save(folder / "composite.png")
-    stack = [("background", rgba(background))]
-    stack += [(f"foreground {n}", rgba(fg, mask)) for n, (fg, mask) in enumerate(zip(foregrounds, masks, strict=True))]
-    write_ora(folder / "layers.ora", stack, composite)
-    return folder
+        """Write each sample to ``out/{prefix}-NNN/`` (:func:`datagen.export.export_sample`: PNGs,
+        ``layers.ora``, ``layers.psd``), layers named by their prompts; returns the folders."""
+        folders = []
+        for i in range(len(self.layers)):
+            bg, fgs, masks = self.arrays(i)
+            names = self.layer_prompts[i][: 1 + len(fgs)] if i < len(self.layer_prompts) else None
+            folders.append(export_sample(Path(out) / f"{prefix}-{i:03d}", bg, fgs, masks, names))
+        return folders
 
 
 def load_sample(folder: str | Path, max_layers: int, fg_fill: str = "nearest") -> tuple[torch.Tensor, torch.Tensor]:
-    """Read a folder written by :func:`save_sample` -> ((L, 3, H, W) layers, (L,) present).
+    """Read a folder written by :func:`datagen.export.export_sample` -> ((L, 3, H, W) layers, (L,) present).
 
     Foregrounds are stored black outside their masks; ``fg_fill`` recolours them there the way the
     training data does (``model.data.fill_outside``), so the model sees familiar layers. Writing
-    them back with :func:`save_sample` gives the same files.
+    them back with :func:`datagen.export.export_sample` gives the same files.
     """
     from PIL import Image
 
@@ -99,7 +86,7 @@ def load_sample(folder: str | Path, max_layers: int, fg_fill: str = "nearest") -
         n = len(fgs)
         fg = np.array(Image.open(folder / f"fg.{n}.png").convert("RGB"))
         mask = np.array(Image.open(folder / f"mask.{n}.png").convert("L"))
-        inside = torch.from_numpy(mask > 127)
+        inside = torch.from_numpy(mask > 0)  # stored colours are valid wherever alpha > 0
         filled = fill_outside(torch.from_numpy(fg.copy()).permute(2, 0, 1).float() / 255, inside, fg_fill)
         fg = torch.where(inside, torch.from_numpy(fg.copy()).permute(2, 0, 1).float() / 255, filled)
         fgs.append((fg * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())

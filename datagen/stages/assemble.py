@@ -2,7 +2,9 @@
 
 Drops masks outside the area bounds, masks that hug the image border (likely background) and
 near-duplicates; orders layers back to front; keeps at most max_layers; cuts each layer's
-pixels from the image; rejects a sample with no foreground or a poor recomposition.
+pixels from the image (its decontaminated colours at soft edges, ``Detection.pixels``); rejects a
+sample with no foreground or a poor recomposition. Masks are 8-bit alphas: soft values pass
+through, and a layer is hidden only where a layer in front of it is opaque.
 """
 
 from __future__ import annotations
@@ -102,18 +104,20 @@ class LayerAssembler(Stage):
             item.reject(self.stage, "no image or background from earlier stages")
             return
         h, w = image.shape[:2]
-        given_pixels = all(d.pixels is not None for d in item.detections)
+        # True layers (synthetic-gt): whole (amodal) masks, their own colours and order.
+        amodal = bool(item.detections) and all(d.extra.get("extent") == "amodal" and d.pixels is not None
+                                                for d in item.detections)
         kept: list[Detection] = []
         dropped: list[str] = []
         for det in sorted(item.detections, key=lambda d: -d.score):
             if det.mask is None:
                 dropped.append(f"{det.phrase}: no mask")
                 continue
-            mask = np.asarray(det.mask, dtype=np.uint8)  # 8-bit alpha, soft values kept as they are
+            mask = np.asarray(det.mask, np.uint8)  # an 8-bit alpha (soft edges allowed)
             area = float((mask > 0).mean())
             if not p.min_area <= area <= p.max_area:
                 dropped.append(f"{det.phrase}: area {area:.4f} outside [{p.min_area}, {p.max_area}]")
-            elif not given_pixels and border_fraction(mask) > p.max_border:
+            elif not amodal and border_fraction(mask) > p.max_border:
                 dropped.append(f"{det.phrase}: hugs the image border")
             elif any(mask_iou(mask, k.mask) > p.duplicate_iou for k in kept):
                 dropped.append(f"{det.phrase}: near-duplicate")
@@ -125,7 +129,7 @@ class LayerAssembler(Stage):
             why = "; ".join(dropped[:3]) if dropped else "nothing detected"
             item.reject(self.stage, f"no foreground ({why})")
             return
-        if given_pixels:  # true layers: order and masks (amodal where the backend says so) are known
+        if amodal:  # true layers: order and full (amodal) masks are known
             layers = sorted(kept, key=lambda d: d.extra.get("depth", 0))
             fgs = [np.where(d.mask[..., None] > 0, d.pixels, 0).astype(np.uint8) for d in layers]
             masks = [d.mask for d in layers]
@@ -138,19 +142,21 @@ class LayerAssembler(Stage):
                                             [float((d.mask > 0).mean()) for d in kept])
             layers, masks = [], []
             for pos, idx in enumerate(order):
-                visible = kept[idx].mask > 0
+                alpha = kept[idx].mask
+                hidden = np.zeros((h, w), bool)  # under an opaque pixel of a layer in front
                 for front in order[pos + 1:]:
-                    visible &= ~(kept[front].mask > 0)
-                if visible.sum() < p.min_visible * (kept[idx].mask > 0).sum():
+                    hidden |= kept[front].mask == 255
+                visible = np.where(hidden, 0, alpha).astype(np.uint8)
+                if (visible > 0).sum() < p.min_visible * (alpha > 0).sum():
                     dropped.append(f"{kept[idx].phrase}: mostly hidden")
                     continue
                 layers.append(kept[idx])
-                masks.append(np.where(visible, kept[idx].mask, 0).astype(np.uint8))
+                masks.append(visible)
             if not layers:
                 item.reject(self.stage, "no foreground (all layers hidden)")
                 return
             fgs = [np.where(m[..., None] > 0, image if d.pixels is None else d.pixels, 0).astype(np.uint8)
-                   for d, m in zip(layers, masks)]
+                   for d, m in zip(layers, masks, strict=True)]
             # Keep the filled background only near kept layers: elsewhere (dropped detections,
             # wide inpainting rings) the source is the truer background.
             union = np.zeros((h, w), np.uint8)
@@ -171,7 +177,7 @@ class LayerAssembler(Stage):
             return
         # Encode here, in the actor: the driver only writes bytes, and PNGs travel lighter than arrays.
         item.members, item.num_layers = sample.to_members(), sample.num_layers
-        item.image = item.background = item.truth = None
+        item.image = item.background = item.truth = item.alpha = None
         item.detections = []
 
     def _sample(self, item: Item, layers: list[Detection], fgs: list[np.ndarray],

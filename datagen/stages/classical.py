@@ -42,7 +42,7 @@ from datagen.phrases import (
     with_article,
 )
 from datagen.registry import register
-from datagen.stages.base import Stage
+from datagen.stages.base import Segmenter, SoftAlphaParams, Stage
 
 # Candidate kinds recorded in Detection.extra["candidate"]: an "exact" candidate is a clean
 # colour-model region (the segment and inpaint stages trust it); a "rough" one is the photo
@@ -655,8 +655,8 @@ def edge_ratio(image: np.ndarray, mask: np.ndarray) -> float:
 
 
 @dataclass
-class GrabCutParams:
-    """Settings of the GrabCut segmenter."""
+class GrabCutParams(SoftAlphaParams):
+    """Settings of the GrabCut segmenter (and the soft-alpha ones every segmenter has)."""
 
     iterations: int = 5  # GrabCut iterations for boxes without an exact candidate
     refine_exact: bool = False  # also run GrabCut on exact colour-model candidates (measured:
@@ -674,10 +674,9 @@ class GrabCutParams:
 
 
 @register
-class GrabCutSegment(Stage):
+class GrabCutSegment(Segmenter):
     """OpenCV GrabCut per box, seeded with the grounder's candidate mask when there is one."""
 
-    stage = "segment"
     name = "grabcut"
     Params = GrabCutParams
 

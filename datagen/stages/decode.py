@@ -2,6 +2,12 @@
 
 Everything that cannot be read as an image is rejected here with a reason; odd but valid
 images (CMYK, 16-bit, palette, alpha, animated, rotated) are accepted and normalised.
+
+An image with an alpha channel that is not all opaque keeps it: ``Item.alpha`` is the source's
+8-bit alpha (cropped and resized with the image) and ``Item.image`` the source composited over
+``alpha_background``, the picture the other stages look at. The segmenters then bound every layer
+by that alpha (``datagen.alpha.apply_source_alpha``): transparent pixels are never an object,
+and the layers' edges there are the source's own.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ class DecodeParams:
     max_file_bytes: int = 100_000_000
     min_side: int = 32  # smaller images are rejected as too small to decompose
     max_caption_chars: int = 2000  # longer captions are truncated (recorded in quality)
-    alpha_background: tuple[int, int, int] = (255, 255, 255)  # transparent pixels become this
+    alpha_background: tuple[int, int, int] = (255, 255, 255)  # transparent pixels look like this
+    # to the stages (the source alpha itself is kept in Item.alpha)
 
 
 @register
@@ -68,7 +75,14 @@ class PilDecoder(Stage):
             if len(data) > p.max_file_bytes:
                 raise SourceReadError(f"file too large ({len(data)} > {p.max_file_bytes} bytes)")
             item.sha256 = hashlib.sha256(data).hexdigest()
-            image = self._normalise(load_image(data, p.max_pixels, p.alpha_background))
+            image = self._normalise(load_image(data, p.max_pixels))
+            if image.shape[2] == 4:
+                alpha = image[..., 3]
+                if (alpha < 255).any():
+                    item.alpha = alpha.copy()
+                    item.quality["source_alpha_share"] = round(float((alpha < 255).mean()), 4)
+                    item.quality["alpha_background"] = list(p.alpha_background)
+                image = flatten(image, p.alpha_background)
         item.image = image
         item.caption, item.source_meta = self._caption(raw, item)
 
@@ -109,8 +123,9 @@ def _detail(err: BaseException) -> str:
     return re.sub(r"\s*<[^>]*>", "", str(err))  # drop object reprs with addresses
 
 
-def load_image(data: bytes, max_pixels: int, alpha_background: tuple[int, int, int]) -> Image.Image:
-    """Decode bytes into an RGB Pillow image: first frame, EXIF-transposed, 8-bit, alpha flattened."""
+def load_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode bytes into an RGB or RGBA Pillow image: first frame, EXIF-transposed, 8-bit; RGBA
+    only when some pixel is not opaque."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         Image.MAX_IMAGE_PIXELS = max_pixels
@@ -121,11 +136,19 @@ def load_image(data: bytes, max_pixels: int, alpha_background: tuple[int, int, i
         img.seek(0)  # animated: the first frame
         img.load()  # truncated files fail here
         img = ImageOps.exif_transpose(img)
-    return to_rgb(img, alpha_background)
+    return to_rgb(img)
 
 
-def to_rgb(img: Image.Image, alpha_background: tuple[int, int, int]) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB (16-bit scaled, palette expanded, alpha over a colour)."""
+def flatten(rgba: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    """uint8 (H, W, 4) straight RGBA -> uint8 (H, W, 3) composited over a flat ``background``."""
+    a = rgba[..., 3:].astype(np.float32) / 255.0
+    out = a * rgba[..., :3].astype(np.float32) + (1.0 - a) * np.asarray(background, np.float32)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB, or RGBA when it has an alpha that is not all opaque
+    (16-bit scaled, palette expanded)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img).astype(np.float64)
         hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
@@ -138,7 +161,6 @@ def to_rgb(img: Image.Image, alpha_background: tuple[int, int, int]) -> Image.Im
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
         img = img.convert("RGBA")
-        canvas = Image.new("RGB", img.size, alpha_background)
-        canvas.paste(img, mask=img.getchannel("A"))
-        return canvas
+        lo, _hi = img.getchannel("A").getextrema()
+        return img if lo < 255 else img.convert("RGB")
     return img.convert("RGB")

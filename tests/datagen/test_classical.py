@@ -57,7 +57,7 @@ def test_masks_match_the_visible_true_layers(decomposed) -> None:
         assert item.ok, item.rejected
         true = [m > 0 for m in scene.visible_masks()]
         assert len(item.detections) == scene.num_layers
-        ious, which = match([d.mask > 0 for d in item.detections], true)
+        ious, which = match([d.mask > 127 for d in item.detections], true)
         assert min(ious) >= 0.95, (scene.seed, ious)
         for det in item.detections:
             assert det.mask.dtype == np.uint8 and set(np.unique(det.mask)) <= {0, 255}
@@ -106,7 +106,7 @@ def test_without_caption_colours_objects_are_still_found(stages) -> None:
         scene = make_scene(seed, 256)
         item = _item(scene, caption="")
         run_stages(stages, [item])
-        ious, _ = match([d.mask > 0 for d in item.detections], [m > 0 for m in scene.visible_masks()])
+        ious, _ = match([d.mask > 127 for d in item.detections], [m > 0 for m in scene.visible_masks()])
         assert len(item.detections) == scene.num_layers and min(ious) >= 0.95
 
 
@@ -224,7 +224,7 @@ def test_jpeg_scenes_give_the_true_objects(stages) -> None:
                 where = (seed, quality, bool(caption))
                 assert item.ok, (where, item.rejected)
                 assert len(item.detections) == scene.num_layers, (where, [d.phrase for d in item.detections])
-                ious, which = match([d.mask > 0 for d in item.detections], true)
+                ious, which = match([d.mask > 127 for d in item.detections], true)
                 assert min(ious) >= 0.75, (where, ious)
                 ious_all += ious
                 for k, j in enumerate(which):
@@ -265,6 +265,6 @@ def test_small_upscaled_jpeg_gives_one_object_per_shape(stages) -> None:
             _ground_and_segment(stages, item)
             assert item.ok and len(item.detections) == scene.num_layers, (
                 seed, quality, [d.phrase for d in item.detections])
-            ious, which = match([d.mask > 0 for d in item.detections], [m > 0 for m in scene.visible_masks()])
+            ious, which = match([d.mask > 127 for d in item.detections], [m > 0 for m in scene.visible_masks()])
             assert min(ious) >= 0.55, (seed, quality, ious)
             assert [item.detections[j].phrase for j in which] == scene.phrases

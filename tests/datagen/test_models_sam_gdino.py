@@ -7,10 +7,12 @@ their outputs are noise, so the tests check shapes, types, ranges, bookkeeping a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import socket
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -211,15 +213,28 @@ def test_segment_batch(ground: GroundingDinoStage, segment: SamStage) -> None:
     items = make_items()
     ground.run_items(items)
     n_boxes = [len(it.detections) for it in items]
+    binary_items = copy.deepcopy(items)
+    binary = copy.copy(segment)
+    binary.params = dataclasses.replace(segment.params, soft_alpha=False)
+    binary.run_items(binary_items)
     segment.run_items(items)
-    for it, n in zip(items, n_boxes, strict=True):
+    for it, n, bit in zip(items, n_boxes, binary_items, strict=True):
         assert it.ok, it.rejected
         q = it.quality["segment"]
         assert q["kept"] == len(it.detections) and q["kept"] + len(q["dropped"]) == n
         h, w = it.image.shape[:2]
         for d in it.detections:
             assert d.mask.shape == (h, w) and d.mask.dtype == np.uint8
-            assert set(np.unique(d.mask)) <= {0, 255} and d.mask.any()
+            assert (d.mask > 127).any()
+        # SAM's masks are binary (soft_alpha off); the shared matting changes them only in a band
+        # of alpha_band px around their edges.
+        assert len(bit.detections) == len(it.detections)
+        k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * segment.params.alpha_band + 1,) * 2)
+        for d, b in zip(it.detections, bit.detections, strict=True):
+            assert set(np.unique(b.mask)) <= {0, 255}
+            m = (b.mask > 0).astype(np.uint8)
+            edge = (cv2.dilate(m, k) > 0) & ~(cv2.erode(m, k, borderType=cv2.BORDER_REPLICATE) > 0)
+            assert np.array_equal(d.mask[~edge], b.mask[~edge])
             for key in ("sam_pred_iou", "sam_stability", "sam_mask_index", "sam_area"):
                 assert key in d.extra
             assert 0.0 <= d.extra["sam_stability"] <= 1.0 and d.extra["sam_mask_index"] in (0, 1, 2)

@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from datagen.export import read_ora, read_psd
 from datagen.format import compose_uint8
 from model.guidance import SelfMaskGuidance, mask_alphas, smg_weights
 from model.layers import fg_slot, mask_slot
-from model.ora import read_ora
 from model.pipeline import default_layer_prompts, load_sample
 from model.sampling import ddim_sample
 
@@ -78,7 +78,8 @@ def test_files_ora_and_composite(pipe, tmp_path: Path) -> None:
         srcs = [el.get("src") for el in stack.find("stack").findall("layer")]
         assert len(srcs) == 3 and all(s.startswith("data/") and s in listed for s in srcs)
     layers, merged = read_ora(folder / "layers.ora")
-    assert [n for n, _ in layers] == ["background", "foreground 0", "foreground 1"]
+    assert [n for n, _ in layers] == out.layer_prompts[0][:3]  # named by their prompts, bottom first
+    assert [n for n, _ in layers] == ["a green background", "a blue square", "a red circle"]
     assert np.array_equal(merged, composite)
     assert np.array_equal(layers[0][1][..., :3], bg) and np.all(layers[0][1][..., 3] == 255)
     for n in range(2):
@@ -88,6 +89,18 @@ def test_files_ora_and_composite(pipe, tmp_path: Path) -> None:
     flat = compose_uint8(layers[0][1][..., :3], [im[..., :3] for _, im in layers[1:]],
                          [im[..., 3] for _, im in layers[1:]])
     assert np.array_equal(flat, merged)
+    # The PSD: the same stack, order, names and pixels; it recomposes to the composite within 1/255.
+    psd_layers, psd_merged = read_psd(folder / "layers.psd")
+    assert [n for n, _ in psd_layers] == [n for n, _ in layers]
+    for (_, a), (_, b) in zip(psd_layers, layers, strict=True):
+        assert np.array_equal(a[..., 3], b[..., 3])
+        assert np.array_equal(a[..., :3][a[..., 3] > 0], b[..., :3][b[..., 3] > 0])
+    flat = compose_uint8(psd_layers[0][1][..., :3], [im[..., :3] for _, im in psd_layers[1:]],
+                         [im[..., 3] for _, im in psd_layers[1:]])
+    assert np.abs(flat.astype(int) - composite).max() <= 1
+    assert np.abs(psd_merged.astype(int) - composite).max() <= 1
+    for n in range(2):  # one RGBA PNG per layer
+        assert np.array_equal(_png(folder / f"layer.{n}.png"), layers[n + 1][1])
 
 
 def test_same_seed_same_output(pipe) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datagen.format import iter_tar_samples
+from datagen.format import compose_uint8, iter_tar_samples
 from manifests import (
     DocumentError,
     shard_done,
@@ -112,6 +112,18 @@ def test_format1_mask_must_be_binary(make_dataset, capsys):
         s.masks[0][ys[0], xs[0]] = 128
     ds, key = _corrupt_sample(make_dataset, 4, edit, version=1)
     _expect(capsys, ds.out, f"shard 000001 key {key}", "mask.0 is not binary")
+
+
+def test_soft_alpha_mask_is_valid(make_dataset, capsys):
+    # Masks are 8-bit alphas: a soft edge is valid when the sample recomposes to its image.
+    def edit(s):
+        ys, xs = np.nonzero(s.masks[0])
+        s.masks[0][ys[0], xs[0]] = 128
+        s.image = s.recompose()
+        s.meta["quality"]["recon_psnr"] = 100.0
+    ds, _key = _corrupt_sample(make_dataset, 4, edit)
+    code, out = run(capsys, "validate", str(ds.out), "-q")
+    assert code == 0, out
 
 
 @pytest.mark.parametrize(("version", "message"), [
@@ -342,3 +354,49 @@ def test_preview_by_key(dataset, tmp_path):
     assert rows == 2 and size == sheet_size([2, 1], 32)
     with pytest.raises(KeyError):
         write_preview(dataset.out, tmp_path / "k.png", keys=["nope"])
+
+
+# -- export --------------------------------------------------------------------------------------
+
+def test_export_writes_what_designers_open(make_dataset, capsys, tmp_path):
+    from datagen.export import read_ora, read_psd
+
+    def soften(s):  # a soft edge: a column of the first layer at alpha 128
+        ys, xs = np.nonzero(s.masks[0])
+        col = s.masks[0][:, xs.max()] > 0
+        s.masks[0][col, xs.max()] = 128
+        s.image = s.recompose()
+        s.meta["quality"]["recon_psnr"] = 100.0
+    ds, key = _corrupt_sample(make_dataset, 1, soften)
+    dest = tmp_path / "export"
+    code, out = run(capsys, "export", str(ds.out), str(dest), "-n", "3")
+    assert code == 0, out
+    folders = sorted(p for p in dest.iterdir() if p.is_dir())
+    assert [p.name for p in folders] == ["s0000", "s0001", "s0002"]
+    for folder in folders:
+        composite = np.asarray(Image.open(folder / "composite.png").convert("RGB"))
+        layers, merged = read_psd(folder / "layers.psd")
+        ora_layers, ora_merged = read_ora(folder / "layers.ora")
+        names = json.loads((folder / "layers.json").read_text())["layers"]
+        assert [n for n, _ in layers] == [n for n, _ in ora_layers] == names
+        assert names[1:] == [f"a box number {n}" for n in range(len(names) - 1)]  # the layer captions
+        for n, ((_, psd), (_, ora)) in enumerate(zip(layers, ora_layers, strict=True)):
+            assert np.array_equal(psd[..., 3], ora[..., 3]), (folder.name, n)
+            visible = psd[..., 3] > 0
+            assert np.array_equal(psd[..., :3][visible], ora[..., :3][visible])
+            png = folder / ("layer.bg.png" if n == 0 else f"layer.{n - 1}.png")
+            assert np.array_equal(np.asarray(Image.open(png)), ora)
+        # The PSD's layers recompose to the composite within 1/255, and so does its merged image.
+        flat = compose_uint8(layers[0][1][..., :3], [im[..., :3] for _, im in layers[1:]],
+                             [im[..., 3] for _, im in layers[1:]])
+        assert np.abs(flat.astype(int) - composite).max() <= 1
+        assert np.abs(merged.astype(int) - composite).max() <= 1
+        assert np.array_equal(ora_merged, composite)
+    soft = read_psd(dest / key / "layers.psd")[0][1][1][..., 3]
+    assert (soft == 128).any()  # the soft edge survives into the PSD
+
+
+def test_export_unknown_key_is_a_usage_error(dataset, capsys, tmp_path):
+    code = main(["export", str(dataset.out), str(tmp_path / "x"), "--key", "nope"])
+    assert code == 2
+    assert "keys not found: nope" in capsys.readouterr().err

@@ -23,7 +23,7 @@ import numpy as np
 
 from datagen.item import Item
 from datagen.registry import register
-from datagen.stages.base import Stage, file_sha256
+from datagen.stages.base import Segmenter, SoftAlphaParams, file_sha256
 
 # model_type -> the official release file (the tiny one is made by datagen.tiny_weights.sam)
 CHECKPOINT_FILES = {
@@ -37,7 +37,7 @@ _WIDTHS = {1280: "vit_h", 1024: "vit_l", 768: "vit_b", 32: "tiny"}
 
 
 @dataclass
-class SamParams:
+class SamParams(SoftAlphaParams):
     """Settings of the ``sam`` segment backend (YAML ``stages.segment.params``)."""
 
     checkpoint: str = f"weights/{CHECKPOINT_FILES['vit_h']}"
@@ -151,10 +151,9 @@ def _autocast(device: Any, precision: str) -> contextlib.AbstractContextManager:
 
 
 @register
-class SamStage(Stage):
+class SamStage(Segmenter):
     """Masks for ``item.detections`` with SAM box prompts."""
 
-    stage = "segment"
     name = "sam"
     Params = SamParams
     version = "1"
