@@ -34,11 +34,12 @@ from scipy import ndimage
 
 from datagen.item import Detection, Item
 from datagen.phrases import (
-    PALETTE,
+    COLOUR_FIT_MAX,
     background_phrase,
+    colour_fit,
+    colour_name,
     colour_of,
     extract_phrases,
-    nearest_colour,
     with_article,
 )
 from datagen.registry import register
@@ -139,6 +140,20 @@ class ContrastParams:
     fallback_min_share: float = 0.01  # the candidates, and the region, must cover at least
     # this much of the image (less: the subject fills the frame, or there is none: reject)
     fallback_min_contrast: float = 0.35  # its mean distance, in units of ``tolerance``
+    # Objects cut by the image border: a border colour group (colours joined in the quantised
+    # RGB cube) that covers less than this share of the outermost pixel ring, in at most
+    # ``max_objects`` runs along it, while another group covers at least ``dominant_share``, is
+    # an object's colour, not the background's (tried first; a non-compact result falls back to
+    # the plain border model, as photos need).
+    border_object_share: float = 0.2
+    dominant_share: float = 0.3
+    # Near colours in one cluster (within colour_radius): two objects where they meet along a
+    # sharp edge. Split when the 2-means colours are this far apart (RGB) ...
+    split_min_distance: float = 24.0
+    split_max_boundary: float = 8.0  # ... their shared border is at most this x sqrt(smaller area)
+    split_edge_jump: float = 0.35  # ... and neighbours across it differ by this share of the gap
+    split_depth: int = 2  # at most 2**depth objects from one cluster
+    max_colour_misfit: float = 4.0  # a caption colour word names an object up to this misfit
 
 
 class BorderModel:
@@ -149,7 +164,7 @@ class BorderModel:
     """
 
     def __init__(self, image: np.ndarray, p: ContrastParams,
-                 exclude: list[tuple[int, int, int]] | None = None) -> None:
+                 exclude: list[str] | None = None, border_objects: bool = False) -> None:
         h, w = image.shape[:2]
         b = max(2, round(p.border_frac * min(h, w)))
         self.bin = p.bin_size
@@ -162,14 +177,45 @@ class BorderModel:
             votes += counts >= max(2, p.min_border_share * side.shape[0] * side.shape[1])
             total += counts
         occupied = votes >= p.min_sides
-        if exclude:  # colours known to be objects' (from the caption)
+        self.excluded = 0  # border colour groups taken for objects cut by the border
+        if border_objects and occupied.any():
+            objects = self._border_object_bins(image, occupied, p)
+            self.excluded = int(objects.any())
+            occupied &= ~objects
+        if exclude:  # colour words the caption gives to objects: their colour regions
             centres = (np.stack(np.unravel_index(np.arange(n**3), (n, n, n)), 1) + 0.5) * self.bin
-            for rgb in exclude:
-                occupied &= np.linalg.norm(centres - np.asarray(rgb, np.float64), axis=1) > p.colour_radius
+            fit = colour_fit(centres)
+            for word in exclude:
+                occupied &= fit[word] < COLOUR_FIT_MAX
         if not occupied.any():  # no colour shared by enough sides: fall back to all of them
             occupied = total >= max(2, p.min_border_share * total.sum())
         # Distance (in bins) from each colour bin to the nearest occupied one.
         self.lut = ndimage.distance_transform_edt(~occupied.reshape(n, n, n)).reshape(-1) * self.bin
+
+    def _border_object_bins(self, image: np.ndarray, occupied: np.ndarray, p: ContrastParams) -> np.ndarray:
+        """Occupied bins whose colour group is an object's cut by the border (see ContrastParams)."""
+        n = 256 // self.bin
+        groups, count = ndimage.label(occupied.reshape(n, n, n), structure=np.ones((3, 3, 3)))
+        groups = groups.reshape(-1)
+        out = np.zeros(n**3, bool)
+        if count < 2:
+            return out
+        # The outermost ring, walked around the image; pixels of no group (rare colours: the
+        # mixed pixels of anti-aliased edges) do not break a run.
+        ring = np.concatenate([image[0, :], image[1:, -1], image[-1, -2::-1], image[-2:0:-1, 0]])
+        g = groups[self._index(ring)]
+        g = g[g > 0]
+        if not len(g):
+            return out
+        shares = np.bincount(g, minlength=count + 1) / len(g)
+        if shares.max() < p.dominant_share:
+            return out  # no dominant background colour (a photo's border): nothing to tell
+        starts = g != np.roll(g, 1)
+        runs = np.bincount(g[starts], minlength=count + 1)
+        for k in range(1, count + 1):
+            if 0 < shares[k] < p.border_object_share and runs[k] <= p.max_objects:
+                out |= groups == k
+        return out
 
     def _index(self, pixels: np.ndarray) -> np.ndarray:
         q = pixels.astype(np.int32) // self.bin
@@ -319,6 +365,15 @@ class ContrastGround(Stage):
         if not item.phrases:
             item.phrases = extract_phrases(item.caption)
         h, w = image.shape[:2]
+        # First with the colours of objects cut by the border kept out of the background model.
+        cut = BorderModel(image, p, border_objects=True)
+        if cut.excluded:
+            c_dist = cut.distance(image)
+            c_cand = c_dist > p.tolerance
+            if self._emit_compact(item, c_dist, c_cand, float(c_cand.mean())):
+                item.quality["candidate_share"] = round(float(c_cand.mean()), 4)
+                item.quality["ground_mode"] = "colour-border"
+                return
         model = BorderModel(image, p)
         dist = model.distance(image)
         cand = dist > p.tolerance
@@ -330,7 +385,7 @@ class ContrastGround(Stage):
         # object crosses the border ("a black horse on a white background"). Only a compact
         # result counts: captions also colour backgrounds ("under a blue sky").
         bg_colour = colour_of(background_phrase(item.caption))
-        object_colours = [PALETTE[c] for ph in item.phrases
+        object_colours = [c for ph in item.phrases
                           if (c := colour_of(ph)) is not None and c != bg_colour]
         if object_colours:
             guided = BorderModel(image, p, object_colours).distance(image)
@@ -402,34 +457,25 @@ class ContrastGround(Stage):
 
     def _split(self, image: np.ndarray, cand: np.ndarray, dist: np.ndarray,
                phrases: list[str]) -> list[tuple[np.ndarray, str, str]]:
-        """Candidate pixels split by colour into (mask, phrase, colour name) objects."""
+        """Candidate pixels split by colour into (mask, phrase, colour name) objects.
+
+        The image's own dominant colours make the clusters (a caption's colour words are
+        ranges, not values, so they name clusters instead of seeding them); a cluster holding
+        two near colours that meet along a sharp edge is split there (:meth:`_split_near`).
+        Caption phrases are then given to the objects jointly, each colour word to the object
+        it describes best (:func:`colour_fit`), larger objects first on ties.
+        """
         p: ContrastParams = self.params
         h, w = cand.shape
         min_area = max(p.min_part_px, int(p.min_object_share * h * w))
         ys, xs = np.nonzero(cand)
         pixels = image[ys, xs]
-        coloured = [(ph, c) for ph in phrases if (c := colour_of(ph)) is not None]
-        centres: list[np.ndarray] = []
-        names: list[str | None] = []
-        for ph, c in coloured:
-            centres.append(np.array(PALETTE[c], np.float32))
-            names.append(ph)
-        labels = np.full(len(pixels), -1)
-        if centres:
-            labels, centres = _clusters(pixels, centres, p.colour_radius)
-        rest = labels < 0
-        if rest.sum() >= min_area:  # colours the caption does not name
-            modes = _colour_modes(pixels[rest], p.colour_radius, min_area, p.max_objects)
-            if modes:
-                extra, modes = _clusters(pixels[rest], modes, p.colour_radius)
-                labels[rest] = np.where(extra >= 0, extra + len(centres), -1)
-                centres += modes
-                names += [None] * len(modes)
-        objects: list[tuple[np.ndarray, str, str]] = []
-        colourless = [ph for ph in phrases if colour_of(ph) is None]
-        used: set[str] = set()
-        order = np.argsort([-(labels == k).sum() for k in range(len(centres))])
-        for k in order:
+        modes = _colour_modes(pixels, p.colour_radius, min_area, p.max_objects)
+        if not modes:
+            return []
+        labels, centres = _clusters(pixels, modes, p.colour_radius)
+        masks: list[np.ndarray] = []
+        for k in np.argsort([-(labels == k).sum() for k in range(len(centres))]):
             sel = labels == k
             if sel.sum() < min_area:
                 continue
@@ -438,21 +484,78 @@ class ContrastGround(Stage):
             n, lab, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
             keep = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= p.min_part_px]
             mask = np.isin(lab, keep)
-            if mask.sum() < min_area:
-                continue
-            colour = nearest_colour(centres[k])
-            phrase = names[k]
-            if phrase is None or phrase in used:
-                # Same colour as a caption phrase, else the next colourless phrase, else a name.
-                phrase = next((ph for ph, c in coloured if c == colour and ph not in used), None)
-                if phrase is None:
-                    phrase = next((ph for ph in colourless if ph not in used), f"{colour} object")
-            used.add(phrase)
-            objects.append((mask, phrase, colour))
-        named = {ph for ph, _c in coloured}
-        return self._absorb_edges(image, cand, dist, objects,
-                                  [bool(coloured) and ph in named for _m, ph, _c in objects],
+            if mask.sum() >= min_area:
+                masks += self._split_near(image, mask, min_area, p.split_depth)
+        if len(masks) > 2 * p.max_objects:
+            return []  # clutter, not objects (the caller's count test rejects it)
+        colours = [np.array(cv2.mean(image, m.astype(np.uint8))[:3]) for m in masks]
+        coloured = [(ph, c) for ph in phrases if (c := colour_of(ph)) is not None]
+        colourless = [ph for ph in phrases if colour_of(ph) is None]
+        names: list[str | None] = [None] * len(masks)
+        if coloured and masks:
+            from scipy.optimize import linear_sum_assignment
+
+            fits = colour_fit(np.stack(colours))
+            areas = np.array([m.sum() for m in masks], np.float64)
+            cost = np.stack([np.minimum(fits[c], 10.0) for _ph, c in coloured])  # (phrases, objects)
+            cost = cost + 0.5 * (1 - np.sqrt(areas / areas.max()))[None]
+            rows, cols = linear_sum_assignment(cost)
+            for r, c in zip(rows, cols, strict=True):
+                if fits[coloured[r][1]][c] <= p.max_colour_misfit:
+                    names[c] = coloured[r][0]
+        objects: list[tuple[np.ndarray, str, str]] = []
+        used = {n for n in names if n is not None}
+        for mask, colour, name in zip(masks, colours, names, strict=True):
+            word = colour_name(colour)
+            if name is None:
+                name = next((ph for ph in colourless if ph not in used), f"{word} object")
+                used.add(name)
+            else:
+                word = colour_of(name) or word
+            objects.append((mask, name, word))
+        return self._absorb_edges(image, cand, dist, objects, [n is not None for n in names],
                                   bool(coloured))
+
+    def _split_near(self, image: np.ndarray, mask: np.ndarray, min_area: int, depth: int) -> list[np.ndarray]:
+        """One colour cluster as one or more objects: two near colours (farther apart than
+        ``split_min_distance``) are two objects when they meet along a short, sharp edge (a
+        colour step between neighbouring pixels, not shading or texture). Recursive to ``depth``."""
+        p: ContrastParams = self.params
+        ys, xs = np.nonzero(mask)
+        if depth <= 0 or len(ys) < 2 * min_area:
+            return [mask]
+        x = image[ys, xs].astype(np.float32)
+        xc = x - x.mean(0)
+        _u, _s, vt = np.linalg.svd(xc[:: max(1, len(xc) // 4000)], full_matrices=False)
+        proj = xc @ vt[0]
+        lo, hi = np.percentile(proj, (10, 90))
+        c = np.stack([x[proj <= lo].mean(0), x[proj >= hi].mean(0)])
+        for _ in range(6):  # 2-means
+            lab = np.linalg.norm(x - c[1], axis=1) < np.linalg.norm(x - c[0], axis=1)
+            if lab.all() or not lab.any():
+                return [mask]
+            c = np.stack([x[~lab].mean(0), x[lab].mean(0)])
+        gap = float(np.linalg.norm(c[0] - c[1]))
+        if gap < p.split_min_distance:
+            return [mask]
+        a = np.zeros_like(mask)
+        b = np.zeros_like(mask)
+        a[ys[~lab], xs[~lab]] = True
+        b[ys[lab], xs[lab]] = True
+        area = min(int(a.sum()), int(b.sum()))
+        if area < min_area:
+            return [mask]
+        img = image.astype(np.float32)
+        across_h = (a[:, :-1] & b[:, 1:]) | (b[:, :-1] & a[:, 1:])
+        across_v = (a[:-1] & b[1:]) | (b[:-1] & a[1:])
+        pairs = int(across_h.sum() + across_v.sum())
+        if pairs > p.split_max_boundary * math.sqrt(area):
+            return [mask]  # a long, ragged border: texture, not two objects
+        jumps = np.concatenate([np.linalg.norm(img[:, :-1] - img[:, 1:], axis=2)[across_h],
+                                np.linalg.norm(img[:-1] - img[1:], axis=2)[across_v]])
+        if not len(jumps) or float(np.median(jumps)) < p.split_edge_jump * gap:
+            return [mask]  # shading: neighbours change gradually across the split
+        return self._split_near(image, a, min_area, depth - 1) + self._split_near(image, b, min_area, depth - 1)
 
     def _absorb_edges(self, image: np.ndarray, cand: np.ndarray, dist: np.ndarray,
                       objects: list[tuple[np.ndarray, str, str]], named: list[bool],
