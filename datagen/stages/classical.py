@@ -150,6 +150,8 @@ class ContrastParams:
     # Near colours in one cluster (within colour_radius): two objects where they meet along a
     # sharp edge. Split when the 2-means colours are this far apart (RGB) ...
     split_min_distance: float = 24.0
+    edge_alpha: bool = True  # outlines where the object covers half of a pixel (see _edge_alpha)
+    halo_alpha: float = 0.05  # fainter than this, an edge pixel needs no inpainting
     split_max_boundary: float = 8.0  # ... their shared border is at most this x sqrt(smaller area)
     split_edge_jump: float = 0.35  # ... and neighbours across it differ by this share of the gap
     split_depth: int = 2  # at most 2**depth objects from one cluster
@@ -446,14 +448,104 @@ class ContrastGround(Stage):
                 edge = (cv2.dilate(m.astype(np.uint8), k) > 0) & ~taken & (dist > p.edge_tolerance)
                 m |= edge
                 taken |= edge
+        halos = [0] * len(objects)
+        if p.edge_alpha:
+            masks, halos = self._edge_alpha(item.image, dist, [m for m, _ph, _c in objects])
+            if not all(m.any() for m in masks):
+                return False
+            objects = [(m, ph, c) for m, (_m, ph, c) in zip(masks, objects, strict=True)]
         dets = []
-        for (mask, phrase, colour), rank in zip(objects, ranks, strict=True):
+        for (mask, phrase, colour), rank, halo in zip(objects, ranks, halos, strict=True):
             score = float(np.clip(dist[mask].mean() / (2 * p.tolerance), 0, 1))
+            extra = {"candidate": EXACT, "depth": rank, "colour": colour}
+            if halo:
+                extra["halo_px"] = halo  # the inpainter grows this hole at least this much
             dets.append(Detection(phrase=phrase, box=_box(mask), score=round(score, 4),
-                                  mask=_u8(mask), caption=with_article(phrase),
-                                  extra={"candidate": EXACT, "depth": rank, "colour": colour}))
+                                  mask=_u8(mask), caption=with_article(phrase), extra=extra))
         item.detections = sorted(dets, key=lambda d: d.extra["depth"])
         return True
+
+    def _edge_alpha(self, image: np.ndarray, dist: np.ndarray,
+                    masks: list[np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
+        """Masks whose edge follows where the object covers half of each pixel, and per mask
+        the width (px) of its faint outer edge (the halo).
+
+        An edge pixel of an anti-aliased or blurred outline mixes the object's colour (that of
+        its nearest interior pixel) with the colour beyond (the nearest pixel clear of the edge:
+        background or another object); the mixing weight is the object's coverage, alpha.
+        Pixels within ``edge_px + 1`` of the outline belong to the object where alpha >= 0.5
+        (the truth of a binary layer); a pixel of a background colour is background. Pixels
+        just outside with alpha above ``halo_alpha`` are the halo: the hole must cover them, or
+        a faint outline of the object stays in the background. Hard edges are unchanged.
+        """
+        p: ContrastParams = self.params
+        h, w = dist.shape
+        r = p.edge_px + 1
+        wide = max(r + 1, round(p.edge_band_frac * min(h, w)))
+        kr = _disk(r)
+        union = np.zeros((h, w), bool)
+        for m in masks:
+            union |= m
+        eroded = [cv2.erode(m.astype(np.uint8), kr) > 0 for m in masks]
+        clear = ~(cv2.dilate(union.astype(np.uint8), kr) > 0)
+        img = image.astype(np.float32)
+        alphas: list[np.ndarray | None] = []
+        for k, m in enumerate(masks):
+            ys, xs = np.nonzero(m)
+            pad = wide + r + 2
+            y0, x0 = max(0, ys.min() - pad), max(0, xs.min() - pad)
+            y1, x1 = min(h, ys.max() + pad + 1), min(w, xs.max() + pad + 1)
+            inner = eroded[k][y0:y1, x0:x1]
+            if not inner.any():
+                inner = m[y0:y1, x0:x1]
+            other = clear[y0:y1, x0:x1].copy()
+            for j, e in enumerate(eroded):
+                if j != k:
+                    other |= e[y0:y1, x0:x1]
+            if not other.any():
+                alphas.append(None)
+                continue
+            x = img[y0:y1, x0:x1]
+            ii = ndimage.distance_transform_edt(~inner, return_distances=False, return_indices=True)
+            oi = ndimage.distance_transform_edt(~other, return_distances=False, return_indices=True)
+            c, b = x[ii[0], ii[1]], x[oi[0], oi[1]]
+            cb = c - b
+            den = (cb * cb).sum(-1)
+            a = np.clip(((x - b) * cb).sum(-1) / np.maximum(den, 1e-6), 0, 1)
+            keep = den < p.edge_tolerance**2  # no contrast to tell by: membership as it was
+            a = np.where(keep, m[y0:y1, x0:x1].astype(np.float32), a)
+            a[(dist[y0:y1, x0:x1] <= p.edge_tolerance) & ~inner] = 0.0  # a background colour
+            full = np.zeros((h, w), np.float32)
+            full[y0:y1, x0:x1] = a
+            full[eroded[k]] = 1.0
+            alphas.append(full)
+        out = []
+        for k, m in enumerate(masks):
+            if alphas[k] is None:
+                out.append(m)
+                continue
+            zone = (cv2.dilate(m.astype(np.uint8), kr) > 0) & ~eroded[k]
+            out.append(eroded[k] | (zone & (alphas[k] >= 0.5)))
+        # A pixel two objects claim goes to the one covering more of it.
+        for k in range(len(out)):
+            for j in range(k + 1, len(out)):
+                both = out[k] & out[j]
+                if both.any() and alphas[k] is not None and alphas[j] is not None:
+                    to_k = both & (alphas[k] >= alphas[j])
+                    out[j] &= ~to_k
+                    out[k] &= ~(both & ~to_k)
+        taken = np.zeros((h, w), bool)
+        for m in out:
+            taken |= m
+        halos = []
+        for k, m in enumerate(out):
+            if alphas[k] is None or not m.any():
+                halos.append(0)
+                continue
+            d = cv2.distanceTransform((~m).astype(np.uint8), cv2.DIST_L2, 3)
+            faint = ~taken & (d <= wide) & (alphas[k] > p.halo_alpha)
+            halos.append(int(math.ceil(float(d[faint].max()))) if faint.any() else 0)
+        return out, halos
 
     def _split(self, image: np.ndarray, cand: np.ndarray, dist: np.ndarray,
                phrases: list[str]) -> list[tuple[np.ndarray, str, str]]:
@@ -1016,6 +1108,7 @@ class OpenCVInpaint(Stage):
             if det.mask is None:
                 continue
             grow = p.grow_px_rough if det.extra.get("candidate") == ROUGH else p.grow_px
+            grow = max(grow, int(det.extra.get("halo_px", 0)))  # a blurred outline's faint edge
             m = (det.mask > 0).astype(np.uint8)
             holes |= (cv2.dilate(m, _disk(grow)) > 0) if grow > 0 else m > 0
         background = image.copy()
