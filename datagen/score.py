@@ -253,7 +253,9 @@ def other_scene(seed: int, size: int = 256, kind: str = "flat") -> OtherScene:
         bg_rgb = background.reshape(-1, 3).mean(0)
         colours: list[tuple[str, np.ndarray]] = []
         near_bg = not textured and rng.random() < 0.2  # one object of the background's colour word
-        while len(colours) < n:
+        for _draw in range(60):
+            if len(colours) == n:
+                break
             if near_bg and not colours:
                 name = bg_name
             elif colours and rng.random() < 0.2:  # a near pair: the same word, another shade
@@ -267,6 +269,8 @@ def other_scene(seed: int, size: int = 256, kind: str = "flat") -> OtherScene:
                     np.linalg.norm(rgb - c) < 35 for c in others):
                 continue
             colours.append((name, rgb))
+        if len(colours) < n:
+            continue
         shapes = [str(rng.choice(sorted(OTHER_SHAPES))) for _ in range(n)]
         if len({(c, s) for (c, _), s in zip(colours, shapes, strict=True)}) < n:
             continue  # two "red circle"s: one phrase for two layers

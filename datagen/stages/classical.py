@@ -181,7 +181,7 @@ class BorderModel:
         occupied = votes >= p.min_sides
         self.excluded = 0  # border colour groups taken for objects cut by the border
         if border_objects and occupied.any():
-            objects = self._border_object_bins(image, occupied, p)
+            objects = self._border_object_bins(image, sides, occupied, p)
             self.excluded = int(objects.any())
             occupied &= ~objects
         if exclude:  # colour words the caption gives to objects: their colour regions
@@ -194,7 +194,8 @@ class BorderModel:
         # Distance (in bins) from each colour bin to the nearest occupied one.
         self.lut = ndimage.distance_transform_edt(~occupied.reshape(n, n, n)).reshape(-1) * self.bin
 
-    def _border_object_bins(self, image: np.ndarray, occupied: np.ndarray, p: ContrastParams) -> np.ndarray:
+    def _border_object_bins(self, image: np.ndarray, strips: list[np.ndarray], occupied: np.ndarray,
+                            p: ContrastParams) -> np.ndarray:
         """Occupied bins whose colour group is an object's cut by the border (see ContrastParams)."""
         n = 256 // self.bin
         groups, count = ndimage.label(occupied.reshape(n, n, n), structure=np.ones((3, 3, 3)))
@@ -202,18 +203,20 @@ class BorderModel:
         out = np.zeros(n**3, bool)
         if count < 2:
             return out
-        # The outermost ring, walked around the image; pixels of no group (rare colours: the
+        # Shares over the border strips (the pixels the model is learnt from); runs along the
+        # outermost ring, walked around the image, where pixels of no group (rare colours: the
         # mixed pixels of anti-aliased edges) do not break a run.
-        ring = np.concatenate([image[0, :], image[1:, -1], image[-1, -2::-1], image[-2:0:-1, 0]])
-        g = groups[self._index(ring)]
+        g = groups[self._index(np.concatenate([s.reshape(-1, 3) for s in strips]))]
         g = g[g > 0]
         if not len(g):
             return out
         shares = np.bincount(g, minlength=count + 1) / len(g)
         if shares.max() < p.dominant_share:
             return out  # no dominant background colour (a photo's border): nothing to tell
-        starts = g != np.roll(g, 1)
-        runs = np.bincount(g[starts], minlength=count + 1)
+        ring = np.concatenate([image[0, :], image[1:, -1], image[-1, -2::-1], image[-2:0:-1, 0]])
+        r = groups[self._index(ring)]
+        r = r[r > 0]
+        runs = np.bincount(r[r != np.roll(r, 1)], minlength=count + 1) if len(r) else np.zeros(count + 1)
         for k in range(1, count + 1):
             if 0 < shares[k] < p.border_object_share and runs[k] <= p.max_objects:
                 out |= groups == k
@@ -563,6 +566,27 @@ class ContrastGround(Stage):
         ys, xs = np.nonzero(cand)
         pixels = image[ys, xs]
         modes = _colour_modes(pixels, p.colour_radius, min_area, p.max_objects)
+        coloured = [(ph, c) for ph in phrases if (c := colour_of(ph)) is not None]
+        # A colour word of the caption that no dominant colour fits (its object is small, or
+        # blurred over many shades): the candidate pixels its range holds seed a cluster.
+        words = sorted({c for _ph, c in coloured})
+        if words:
+            from scipy.optimize import linear_sum_assignment
+
+            missing = set(words)
+            if modes:  # the words the dominant colours answer, jointly
+                have = colour_fit(np.stack(modes))
+                cost = np.stack([have[w] for w in words])
+                for r, c in zip(*linear_sum_assignment(cost), strict=True):
+                    if cost[r, c] < COLOUR_FIT_MAX:
+                        missing.discard(words[r])
+            fits = colour_fit(pixels)
+            best = np.min(np.stack([fits[w] for w in words]), 0)
+            for word in sorted(missing):
+                # Pixels this word describes, and better than any other word of the caption.
+                sel = (fits[word] < COLOUR_FIT_MAX) & (fits[word] <= best)
+                if sel.sum() >= min_area // 2:
+                    modes.append(np.median(pixels[sel], 0).astype(np.float32))
         if not modes:
             return []
         labels, centres = _clusters(pixels, modes, p.colour_radius)
@@ -581,7 +605,6 @@ class ContrastGround(Stage):
         if len(masks) > 2 * p.max_objects:
             return []  # clutter, not objects (the caller's count test rejects it)
         colours = [np.array(cv2.mean(image, m.astype(np.uint8))[:3]) for m in masks]
-        coloured = [(ph, c) for ph in phrases if (c := colour_of(ph)) is not None]
         colourless = [ph for ph in phrases if colour_of(ph) is None]
         names: list[str | None] = [None] * len(masks)
         if coloured and masks:
@@ -643,9 +666,10 @@ class ContrastGround(Stage):
         pairs = int(across_h.sum() + across_v.sum())
         if pairs > p.split_max_boundary * math.sqrt(area):
             return [mask]  # a long, ragged border: texture, not two objects
+        # (No shared border at all: two apart objects of near colours.)
         jumps = np.concatenate([np.linalg.norm(img[:, :-1] - img[:, 1:], axis=2)[across_h],
                                 np.linalg.norm(img[:-1] - img[1:], axis=2)[across_v]])
-        if not len(jumps) or float(np.median(jumps)) < p.split_edge_jump * gap:
+        if len(jumps) and float(np.median(jumps)) < p.split_edge_jump * gap:
             return [mask]  # shading: neighbours change gradually across the split
         return self._split_near(image, a, min_area, depth - 1) + self._split_near(image, b, min_area, depth - 1)
 
