@@ -146,6 +146,9 @@ class ContrastParams:
     # an object's colour, not the background's (tried first; a non-compact result falls back to
     # the plain border model, as photos need).
     border_object_share: float = 0.2
+    border_retry_share: float = 0.001  # below this plain candidate share: "nothing at all"
+    plain_background_bins: int = 40  # a plain background's main colour group spans at most this
+    # many colour bins (flat 1, noise or gradient 10-30; the bundled photos 25-170)
     dominant_share: float = 0.3
     # Near colours in one cluster (within colour_radius): two objects where they meet along a
     # sharp edge. Split when the 2-means colours are this far apart (RGB) ...
@@ -180,46 +183,64 @@ class BorderModel:
             total += counts
         occupied = votes >= p.min_sides
         self.excluded = 0  # border colour groups taken for objects cut by the border
+        self.plain_background = (0.0, 0, 0.0)  # see _border_object_bins
         if border_objects and occupied.any():
             objects = self._border_object_bins(image, sides, occupied, p)
             self.excluded = int(objects.any())
             occupied &= ~objects
-        if exclude:  # colour words the caption gives to objects: their colour regions
+        if exclude and occupied.any():
+            # Colour words the caption gives to objects: the border colours in their regions,
+            # unless their colour group holds most of the border (that is the background,
+            # whatever its colour: "a cat on a brown floor").
             centres = (np.stack(np.unravel_index(np.arange(n**3), (n, n, n)), 1) + 0.5) * self.bin
             fit = colour_fit(centres)
+            groups, shares = self._groups(sides, occupied)
+            # (A group of a few border pixels, under 2%, is no object crossing the border either.)
+            minor = (shares[groups] < 0.5) & (shares[groups] >= 0.02)
             for word in exclude:
-                occupied &= fit[word] < COLOUR_FIT_MAX
+                occupied &= (fit[word] >= COLOUR_FIT_MAX) | ~minor
         if not occupied.any():  # no colour shared by enough sides: fall back to all of them
             occupied = total >= max(2, p.min_border_share * total.sum())
         # Distance (in bins) from each colour bin to the nearest occupied one.
         self.lut = ndimage.distance_transform_edt(~occupied.reshape(n, n, n)).reshape(-1) * self.bin
 
+    def _groups(self, strips: list[np.ndarray], occupied: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Colour groups (occupied bins joined in the quantised RGB cube; 0 = none) per bin, and
+        each group's share of the border strips' pixels (index 0: pixels of no group)."""
+        n = 256 // self.bin
+        groups, count = ndimage.label(occupied.reshape(n, n, n), structure=np.ones((3, 3, 3)))
+        groups = groups.reshape(-1)
+        g = groups[self._index(np.concatenate([s.reshape(-1, 3) for s in strips]))]
+        g = g[g > 0]
+        shares = np.bincount(g, minlength=count + 1) / max(len(g), 1)
+        return groups, shares
+
     def _border_object_bins(self, image: np.ndarray, strips: list[np.ndarray], occupied: np.ndarray,
                             p: ContrastParams) -> np.ndarray:
         """Occupied bins whose colour group is an object's cut by the border (see ContrastParams)."""
         n = 256 // self.bin
-        groups, count = ndimage.label(occupied.reshape(n, n, n), structure=np.ones((3, 3, 3)))
-        groups = groups.reshape(-1)
+        groups, shares = self._groups(strips, occupied)
+        count = len(shares) - 1
         out = np.zeros(n**3, bool)
         if count < 2:
             return out
-        # Shares over the border strips (the pixels the model is learnt from); runs along the
-        # outermost ring, walked around the image, where pixels of no group (rare colours: the
-        # mixed pixels of anti-aliased edges) do not break a run.
-        g = groups[self._index(np.concatenate([s.reshape(-1, 3) for s in strips]))]
-        g = g[g > 0]
-        if not len(g):
-            return out
-        shares = np.bincount(g, minlength=count + 1) / len(g)
+        # Runs along the outermost ring, walked around the image, where pixels of no group
+        # (rare colours: the mixed pixels of anti-aliased edges) do not break a run.
         if shares.max() < p.dominant_share:
             return out  # no dominant background colour (a photo's border): nothing to tell
         ring = np.concatenate([image[0, :], image[1:, -1], image[-1, -2::-1], image[-2:0:-1, 0]])
         r = groups[self._index(ring)]
         r = r[r > 0]
         runs = np.bincount(r[r != np.roll(r, 1)], minlength=count + 1) if len(r) else np.zeros(count + 1)
-        for k in range(1, count + 1):
-            if 0 < shares[k] < p.border_object_share and runs[k] <= p.max_objects:
-                out |= groups == k
+        picked = [k for k in range(1, count + 1)
+                  if 0 < shares[k] < p.border_object_share and runs[k] <= p.max_objects]
+        for k in picked:
+            out |= groups == k
+        top = int(shares.argmax())
+        # How plain the background is, for the caller: its main group's share and colour spread
+        # (bins), and the smallest share taken for an object.
+        self.plain_background = (float(shares[top]), int((groups == top).sum()),
+                                 min(float(shares[k]) for k in picked) if picked else 0.0)
         return out
 
     def _index(self, pixels: np.ndarray) -> np.ndarray:
@@ -352,6 +373,24 @@ def _depth_order(masks: list[np.ndarray]) -> list[int]:
     return ranks
 
 
+def _extends(before: list[Detection], after: list[Detection], border_frac: float) -> bool:
+    """Whether ``after`` keeps every object of ``before`` (IoU >= 0.8) and its other objects all
+    reach into the border strips (objects cut by the border, or their colours on it)."""
+    old = [d.mask > 0 for d in before]
+    new = [d.mask > 0 for d in after]
+    matched = set()
+    for m in old:
+        ious = [float((m & n).sum() / max((m | n).sum(), 1)) for n in new]
+        if not ious or max(ious) < 0.8:
+            return False
+        matched.add(int(np.argmax(ious)))
+    for k, n in enumerate(new):
+        b = max(2, round(border_frac * min(n.shape)))
+        if k not in matched and not (n[:b].any() or n[-b:].any() or n[:, :b].any() or n[:, -b:].any()):
+            return False
+    return len(new) > len(old) or not old
+
+
 @register
 class ContrastGround(Stage):
     """Foreground candidates far from the border's colours, split into objects by colour."""
@@ -370,21 +409,35 @@ class ContrastGround(Stage):
         if not item.phrases:
             item.phrases = extract_phrases(item.caption)
         h, w = image.shape[:2]
-        # First with the colours of objects cut by the border kept out of the background model.
-        cut = BorderModel(image, p, border_objects=True)
-        if cut.excluded:
-            c_dist = cut.distance(image)
-            c_cand = c_dist > p.tolerance
-            if self._emit_compact(item, c_dist, c_cand, float(c_cand.mean())):
-                item.quality["candidate_share"] = round(float(c_cand.mean()), 4)
-                item.quality["ground_mode"] = "colour-border"
-                return
         model = BorderModel(image, p)
         dist = model.distance(image)
         cand = dist > p.tolerance
         share = float(cand.mean())
         item.quality["candidate_share"] = round(share, 4)
-        if self._emit_compact(item, dist, cand, share):
+        plain = self._emit_compact(item, dist, cand, share)
+        # Objects cut by the border: their colours kept out of the background model. A photo's
+        # border is varied, and its rare colours are background, not objects: taken where the
+        # plain model saw a few compact objects (then only if this keeps them and adds objects
+        # at the border) or nothing at all, or where the background is plain (one colour group
+        # holds most of the border, over few colours, and each object group a fair share).
+        cut = BorderModel(image, p, border_objects=True)
+        main_share, main_bins, least = cut.plain_background
+        flat = main_share >= 0.6 and main_bins <= p.plain_background_bins and least >= 0.005
+        if plain or share < p.border_retry_share or flat:
+            if cut.excluded:
+                before = item.detections
+                c_dist = cut.distance(image)
+                c_cand = c_dist > p.tolerance
+                c_share = float(c_cand.mean())
+                if self._emit_compact(item, c_dist, c_cand, c_share) and (
+                        not plain or _extends(before, item.detections, p.border_frac)):
+                    item.quality["candidate_share"] = round(c_share, 4)
+                    item.quality["ground_mode"] = "colour-border"
+                    return
+                item.detections = before
+                if plain:
+                    item.quality["ground_mode"] = "colour"
+        if plain:
             return
         # Second try: colours the caption gives to objects are not background, even where an
         # object crosses the border ("a black horse on a white background"). Only a compact
