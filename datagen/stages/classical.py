@@ -2,9 +2,12 @@
 
 - caption ``sidecar``: the source's caption (or a clear fallback), its object phrases and the
   background phrase.
-- ground ``contrast``: a background colour model learnt from the image border; pixels far from
-  it are foreground candidates, split into objects by colour (the caption's colour words lead
-  when it has them) and connected components; blurred edges (JPEG ringing and chroma bleed,
+- ground ``contrast``: a background colour model learnt from the image border (colours of
+  objects cut by the border kept out of it where the background is plain); pixels far from
+  it are foreground candidates, split into objects by the image's own colours (near colours
+  split along sharp edges) and named by the caption's colour words, which are ranges of shades
+  (``datagen.phrases.COLOUR_REGIONS``), not paint values; outlines follow half coverage of
+  anti-aliased edges; blurred edges (JPEG ringing and chroma bleed,
   resampling: thin bands of colours mixing an object's and its neighbour's) join their object
   instead of becoming objects. When the candidates are not a few compact objects (typical of
   photos) it falls back to one object, the most distinct region.
