@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 # Named colours shared with the scene generator (datagen.scenes). The RGB values are the
 # exact colours the generator paints, and the centres the contrast grounder starts from.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -28,6 +30,61 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "black": (25, 25, 25),
     "gray": (128, 128, 128),
 }
+
+# What each colour word covers, as a region of hue (degrees, may wrap past 0/360), value
+# (max(R, G, B) / 255) and chroma ((max - min) / 255): the words mean ranges of shades, not the
+# palette's paint values, so "blue" fits navy, royal blue and (0, 0, 255) alike. Regions of
+# neighbouring words overlap (CSS "brown" is a dark red): the grounder assigns words to the
+# image's colours jointly, so a word takes the best-fitting colour present, not a fixed one.
+# hue None: an achromatic word (chroma decides, hue is ignored).
+COLOUR_REGIONS: dict[str, tuple[tuple[float, float] | None, tuple[float, float], tuple[float, float]]] = {
+    "red": ((-25.0, 15.0), (0.3, 1.0), (0.25, 1.0)),
+    "orange": ((12.0, 45.0), (0.65, 1.0), (0.3, 1.0)),
+    "yellow": ((42.0, 72.0), (0.6, 1.0), (0.3, 1.0)),
+    "green": ((70.0, 165.0), (0.2, 1.0), (0.2, 1.0)),
+    "cyan": ((160.0, 200.0), (0.4, 1.0), (0.25, 1.0)),
+    "blue": ((195.0, 250.0), (0.2, 1.0), (0.2, 1.0)),
+    "purple": ((245.0, 310.0), (0.2, 1.0), (0.2, 1.0)),
+    "pink": ((290.0, 365.0), (0.6, 1.0), (0.12, 1.0)),
+    "brown": ((-10.0, 45.0), (0.2, 0.75), (0.15, 0.8)),
+    "white": (None, (0.85, 1.0), (0.0, 0.12)),
+    "black": (None, (0.0, 0.22), (0.0, 0.25)),
+    "gray": (None, (0.25, 0.85), (0.0, 0.15)),
+}
+COLOUR_FIT_MAX = 1.0  # a misfit below this: the word describes the colour
+
+
+def _outside(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return np.maximum(lo - x, 0) + np.maximum(x - hi, 0)
+
+
+def colour_fit(rgb: np.ndarray | Sequence[float]) -> dict[str, np.ndarray]:
+    """Per colour word, how badly it describes each RGB colour (..., 3): 0 inside the word's
+    region (:data:`COLOUR_REGIONS`), growing with the distance outside it (30 degrees of hue,
+    0.15 of value or 0.1 of chroma count 1 each; hue counts less on low-chroma colours)."""
+    x = np.asarray(rgb, np.float64) / 255.0
+    mx, mn = x.max(-1), x.min(-1)
+    chroma = mx - mn
+    safe = np.where(chroma > 0, chroma, 1.0)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    hue = np.where(mx == r, ((g - b) / safe) % 6, np.where(mx == g, (b - r) / safe + 2, (r - g) / safe + 4)) * 60.0
+    out = {}
+    for word, (hues, vals, chromas) in COLOUR_REGIONS.items():
+        miss = _outside(mx, *vals) / 0.15 + _outside(chroma, *chromas) / 0.1
+        if hues is not None:
+            lo, hi = hues
+            mid, half = (lo + hi) / 2, (hi - lo) / 2
+            off = np.abs((hue - mid + 180.0) % 360.0 - 180.0)  # circular distance to the middle
+            miss = miss + np.maximum(off - half, 0) / 30.0 * np.minimum(1.0, chroma / 0.2)
+        out[word] = miss
+    return out
+
+
+def colour_name(rgb: Sequence[float]) -> str:
+    """The colour word that best describes one RGB colour (by :func:`colour_fit`)."""
+    fit = colour_fit(rgb)
+    return min(fit, key=lambda w: float(fit[w]))
+
 
 # Spellings that mean a palette colour.
 COLOUR_SYNONYMS: dict[str, str] = {

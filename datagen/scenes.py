@@ -429,3 +429,92 @@ def classify_shape(mask: np.ndarray) -> str | None:
         return "circle" if circle_fill > (0.87 if area >= 150 else 0.84) else "hexagon"
     approx = cv2.approxPolyDP(hull, 0.06 * hull_perim, True)
     return "triangle" if len(approx) <= 3 else "diamond"
+
+
+# -- hard variants (robustness of the classical path) ---------------------------------------------
+HARD_KINDS: tuple[str, ...] = ("palette", "border", "near", "soft", "photo")
+PHOTO_TEXTURES: tuple[str, ...] = ("brick.png", "grass.png", "gravel.png", "coffee.png", "chelsea.png",
+                                   "rocket.jpg", "motorcycle_left.png", "coins.png")
+
+
+def photo_crop(rng: np.random.Generator, size: int, names: Sequence[str] = PHOTO_TEXTURES) -> np.ndarray:
+    """A random square crop of one of scikit-image's bundled photos, resized to ``size`` (uint8 RGB)."""
+    from pathlib import Path
+
+    import skimage.data
+    from PIL import Image
+
+    img = Image.open(Path(skimage.data.data_dir) / str(rng.choice(list(names)))).convert("RGB")
+    w, h = img.size
+    side = int(min(w, h) * rng.uniform(0.4, 0.8))
+    x0, y0 = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+    crop = img.crop((x0, y0, x0 + side, y0 + side)).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(crop).copy()
+
+
+def make_hard_scene(seed: int, size: int = 256, kind: str = "palette") -> Scene:
+    """A :func:`make_scene` scene made harder in one way (``kind``), with its true layers:
+
+    - ``palette``: every object in another shade of its colour word (up to +-40 per channel);
+    - ``border``: the front object moved onto the image border (cut by it);
+    - ``near``: the front object in a shade 40-60 (RGB) from the background's colour;
+    - ``soft``: edges blurred (Gaussian, sigma 1-2 px at 256); the masks stay the true shapes
+      (alpha >= 0.5), the image mixes colours at the edges;
+    - ``photo``: a bundled photo's crop as the background (caption "... on a photo background").
+
+    Foregrounds hold each layer's colour inside its mask; with ``soft`` the image is composed with
+    the blurred alphas, so ``compose_uint8`` of the binary masks no longer reproduces it exactly.
+    """
+    if kind not in HARD_KINDS:
+        raise ValueError(f"unknown hard kind {kind!r}; choose from {HARD_KINDS}")
+    base = make_scene(seed, size, backgrounds=["flat", "gradient", "noise"] if kind == "near" else BACKGROUNDS)
+    rng = np.random.default_rng([seed, 24, HARD_KINDS.index(kind)])
+    specs = [ShapeSpec(**vars(s)) for s in base.specs]
+    rgbs = [np.asarray(PALETTE[s.colour], np.float64) for s in specs]
+    background = base.background
+    bg_caption = base.background_caption
+    if kind == "palette":
+        rgbs = [np.clip(c + rng.integers(-40, 41, 3), 0, 255) for c in rgbs]
+    elif kind == "border":
+        s = specs[-1]
+        side = int(rng.integers(4))
+        off = float(rng.uniform(0.0, 0.5)) * s.r
+        if side == 0:
+            s.cx = off
+        elif side == 1:
+            s.cx = 1 - off
+        elif side == 2:
+            s.cy = off
+        else:
+            s.cy = 1 - off
+    elif kind == "near":
+        bg = background.reshape(-1, 3).mean(0)
+        for _ in range(100):
+            c = np.clip(bg + rng.normal(0, 1, 3) / 1.0 * 30, 0, 255)
+            if 40 <= np.linalg.norm(c - bg) <= 60:
+                rgbs[-1] = c
+                break
+    elif kind == "photo":
+        background = photo_crop(rng, size)
+        bg_caption = "a photo background"
+    alphas = [shape_mask(s, size).astype(np.float32) for s in specs]
+    soft = kind == "soft"
+    if soft:
+        sigma = float(rng.uniform(1.0, 2.0)) * size / 256
+        alphas = [cv2.GaussianBlur(a, (0, 0), sigma) for a in alphas]
+    image = background.astype(np.float64)
+    fgs, masks = [], []
+    for a, c in zip(alphas, rgbs, strict=True):
+        image = image * (1 - a[..., None]) + c * a[..., None]
+        m = a >= 0.5
+        masks.append(np.where(m, 255, 0).astype(np.uint8))
+        fg = np.zeros((size, size, 3), np.uint8)
+        fg[m] = np.clip(np.rint(c), 0, 255).astype(np.uint8)
+        fgs.append(fg)
+    image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    bg_phrase = bg_caption.split(" ", 1)[1]
+    return Scene(seed=seed, size=size, image=image, background=background, foregrounds=fgs, masks=masks,
+                 shapes=base.shapes, colours=base.colours, phrases=base.phrases,
+                 layer_captions=base.layer_captions, background_kind=f"{kind}:{base.background_kind}",
+                 background_colour=base.background_colour, background_caption=bg_caption,
+                 caption=join_caption(base.phrases[::-1], bg_phrase), specs=specs)

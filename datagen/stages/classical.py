@@ -2,9 +2,12 @@
 
 - caption ``sidecar``: the source's caption (or a clear fallback), its object phrases and the
   background phrase.
-- ground ``contrast``: a background colour model learnt from the image border; pixels far from
-  it are foreground candidates, split into objects by colour (the caption's colour words lead
-  when it has them) and connected components; blurred edges (JPEG ringing and chroma bleed,
+- ground ``contrast``: a background colour model learnt from the image border (colours of
+  objects cut by the border kept out of it where the background is plain); pixels far from
+  it are foreground candidates, split into objects by the image's own colours (near colours
+  split along sharp edges) and named by the caption's colour words, which are ranges of shades
+  (``datagen.phrases.COLOUR_REGIONS``), not paint values; outlines follow half coverage of
+  anti-aliased edges; blurred edges (JPEG ringing and chroma bleed,
   resampling: thin bands of colours mixing an object's and its neighbour's) join their object
   instead of becoming objects. When the candidates are not a few compact objects (typical of
   photos) it falls back to one object, the most distinct region.
@@ -34,11 +37,12 @@ from scipy import ndimage
 
 from datagen.item import Detection, Item
 from datagen.phrases import (
-    PALETTE,
+    COLOUR_FIT_MAX,
     background_phrase,
+    colour_fit,
+    colour_name,
     colour_of,
     extract_phrases,
-    nearest_colour,
     with_article,
 )
 from datagen.registry import register
@@ -139,6 +143,25 @@ class ContrastParams:
     fallback_min_share: float = 0.01  # the candidates, and the region, must cover at least
     # this much of the image (less: the subject fills the frame, or there is none: reject)
     fallback_min_contrast: float = 0.35  # its mean distance, in units of ``tolerance``
+    # Objects cut by the image border: a border colour group (colours joined in the quantised
+    # RGB cube) that covers less than this share of the outermost pixel ring, in at most
+    # ``max_objects`` runs along it, while another group covers at least ``dominant_share``, is
+    # an object's colour, not the background's (tried first; a non-compact result falls back to
+    # the plain border model, as photos need).
+    border_object_share: float = 0.2
+    border_retry_share: float = 0.001  # below this plain candidate share: "nothing at all"
+    plain_background_bins: int = 40  # a plain background's main colour group spans at most this
+    # many colour bins (flat 1, noise or gradient 10-30; the bundled photos 25-170)
+    dominant_share: float = 0.3
+    # Near colours in one cluster (within colour_radius): two objects where they meet along a
+    # sharp edge. Split when the 2-means colours are this far apart (RGB) ...
+    split_min_distance: float = 24.0
+    edge_alpha: bool = True  # outlines where the object covers half of a pixel (see _edge_alpha)
+    halo_alpha: float = 0.05  # fainter than this, an edge pixel needs no inpainting
+    split_max_boundary: float = 8.0  # ... their shared border is at most this x sqrt(smaller area)
+    split_edge_jump: float = 0.35  # ... and neighbours across it differ by this share of the gap
+    split_depth: int = 2  # at most 2**depth objects from one cluster
+    max_colour_misfit: float = 4.0  # a caption colour word names an object up to this misfit
 
 
 class BorderModel:
@@ -149,7 +172,7 @@ class BorderModel:
     """
 
     def __init__(self, image: np.ndarray, p: ContrastParams,
-                 exclude: list[tuple[int, int, int]] | None = None) -> None:
+                 exclude: list[str] | None = None, border_objects: bool = False) -> None:
         h, w = image.shape[:2]
         b = max(2, round(p.border_frac * min(h, w)))
         self.bin = p.bin_size
@@ -162,14 +185,66 @@ class BorderModel:
             votes += counts >= max(2, p.min_border_share * side.shape[0] * side.shape[1])
             total += counts
         occupied = votes >= p.min_sides
-        if exclude:  # colours known to be objects' (from the caption)
+        self.excluded = 0  # border colour groups taken for objects cut by the border
+        self.plain_background = (0.0, 0, 0.0)  # see _border_object_bins
+        if border_objects and occupied.any():
+            objects = self._border_object_bins(image, sides, occupied, p)
+            self.excluded = int(objects.any())
+            occupied &= ~objects
+        if exclude and occupied.any():
+            # Colour words the caption gives to objects: the border colours in their regions,
+            # unless their colour group holds most of the border (that is the background,
+            # whatever its colour: "a cat on a brown floor").
             centres = (np.stack(np.unravel_index(np.arange(n**3), (n, n, n)), 1) + 0.5) * self.bin
-            for rgb in exclude:
-                occupied &= np.linalg.norm(centres - np.asarray(rgb, np.float64), axis=1) > p.colour_radius
+            fit = colour_fit(centres)
+            groups, shares = self._groups(sides, occupied)
+            # (A group of a few border pixels, under 2%, is no object crossing the border either.)
+            minor = (shares[groups] < 0.5) & (shares[groups] >= 0.02)
+            for word in exclude:
+                occupied &= (fit[word] >= COLOUR_FIT_MAX) | ~minor
         if not occupied.any():  # no colour shared by enough sides: fall back to all of them
             occupied = total >= max(2, p.min_border_share * total.sum())
         # Distance (in bins) from each colour bin to the nearest occupied one.
         self.lut = ndimage.distance_transform_edt(~occupied.reshape(n, n, n)).reshape(-1) * self.bin
+
+    def _groups(self, strips: list[np.ndarray], occupied: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Colour groups (occupied bins joined in the quantised RGB cube; 0 = none) per bin, and
+        each group's share of the border strips' pixels (index 0: pixels of no group)."""
+        n = 256 // self.bin
+        groups, count = ndimage.label(occupied.reshape(n, n, n), structure=np.ones((3, 3, 3)))
+        groups = groups.reshape(-1)
+        g = groups[self._index(np.concatenate([s.reshape(-1, 3) for s in strips]))]
+        g = g[g > 0]
+        shares = np.bincount(g, minlength=count + 1) / max(len(g), 1)
+        return groups, shares
+
+    def _border_object_bins(self, image: np.ndarray, strips: list[np.ndarray], occupied: np.ndarray,
+                            p: ContrastParams) -> np.ndarray:
+        """Occupied bins whose colour group is an object's cut by the border (see ContrastParams)."""
+        n = 256 // self.bin
+        groups, shares = self._groups(strips, occupied)
+        count = len(shares) - 1
+        out = np.zeros(n**3, bool)
+        if count < 2:
+            return out
+        # Runs along the outermost ring, walked around the image, where pixels of no group
+        # (rare colours: the mixed pixels of anti-aliased edges) do not break a run.
+        if shares.max() < p.dominant_share:
+            return out  # no dominant background colour (a photo's border): nothing to tell
+        ring = np.concatenate([image[0, :], image[1:, -1], image[-1, -2::-1], image[-2:0:-1, 0]])
+        r = groups[self._index(ring)]
+        r = r[r > 0]
+        runs = np.bincount(r[r != np.roll(r, 1)], minlength=count + 1) if len(r) else np.zeros(count + 1)
+        picked = [k for k in range(1, count + 1)
+                  if 0 < shares[k] < p.border_object_share and runs[k] <= p.max_objects]
+        for k in picked:
+            out |= groups == k
+        top = int(shares.argmax())
+        # How plain the background is, for the caller: its main group's share and colour spread
+        # (bins), and the smallest share taken for an object.
+        self.plain_background = (float(shares[top]), int((groups == top).sum()),
+                                 min(float(shares[k]) for k in picked) if picked else 0.0)
+        return out
 
     def _index(self, pixels: np.ndarray) -> np.ndarray:
         q = pixels.astype(np.int32) // self.bin
@@ -301,6 +376,24 @@ def _depth_order(masks: list[np.ndarray]) -> list[int]:
     return ranks
 
 
+def _extends(before: list[Detection], after: list[Detection], border_frac: float) -> bool:
+    """Whether ``after`` keeps every object of ``before`` (IoU >= 0.8) and its other objects all
+    reach into the border strips (objects cut by the border, or their colours on it)."""
+    old = [d.mask > 0 for d in before]
+    new = [d.mask > 0 for d in after]
+    matched = set()
+    for m in old:
+        ious = [float((m & n).sum() / max((m | n).sum(), 1)) for n in new]
+        if not ious or max(ious) < 0.8:
+            return False
+        matched.add(int(np.argmax(ious)))
+    for k, n in enumerate(new):
+        b = max(2, round(border_frac * min(n.shape)))
+        if k not in matched and not (n[:b].any() or n[-b:].any() or n[:, :b].any() or n[:, -b:].any()):
+            return False
+    return len(new) > len(old) or not old
+
+
 @register
 class ContrastGround(Stage):
     """Foreground candidates far from the border's colours, split into objects by colour."""
@@ -324,13 +417,36 @@ class ContrastGround(Stage):
         cand = dist > p.tolerance
         share = float(cand.mean())
         item.quality["candidate_share"] = round(share, 4)
-        if self._emit_compact(item, dist, cand, share):
+        plain = self._emit_compact(item, dist, cand, share)
+        # Objects cut by the border: their colours kept out of the background model. A photo's
+        # border is varied, and its rare colours are background, not objects: taken where the
+        # plain model saw a few compact objects (then only if this keeps them and adds objects
+        # at the border) or nothing at all, or where the background is plain (one colour group
+        # holds most of the border, over few colours, and each object group a fair share).
+        cut = BorderModel(image, p, border_objects=True)
+        main_share, main_bins, least = cut.plain_background
+        flat = main_share >= 0.6 and main_bins <= p.plain_background_bins and least >= 0.005
+        if plain or share < p.border_retry_share or flat:
+            if cut.excluded:
+                before = item.detections
+                c_dist = cut.distance(image)
+                c_cand = c_dist > p.tolerance
+                c_share = float(c_cand.mean())
+                if self._emit_compact(item, c_dist, c_cand, c_share) and (
+                        not plain or _extends(before, item.detections, p.border_frac)):
+                    item.quality["candidate_share"] = round(c_share, 4)
+                    item.quality["ground_mode"] = "colour-border"
+                    return
+                item.detections = before
+                if plain:
+                    item.quality["ground_mode"] = "colour"
+        if plain:
             return
         # Second try: colours the caption gives to objects are not background, even where an
         # object crosses the border ("a black horse on a white background"). Only a compact
         # result counts: captions also colour backgrounds ("under a blue sky").
         bg_colour = colour_of(background_phrase(item.caption))
-        object_colours = [PALETTE[c] for ph in item.phrases
+        object_colours = [c for ph in item.phrases
                           if (c := colour_of(ph)) is not None and c != bg_colour]
         if object_colours:
             guided = BorderModel(image, p, object_colours).distance(image)
@@ -391,45 +507,147 @@ class ContrastGround(Stage):
                 edge = (cv2.dilate(m.astype(np.uint8), k) > 0) & ~taken & (dist > p.edge_tolerance)
                 m |= edge
                 taken |= edge
+        halos = [0] * len(objects)
+        if p.edge_alpha:
+            masks, halos = self._edge_alpha(item.image, dist, [m for m, _ph, _c in objects])
+            if not all(m.any() for m in masks):
+                return False
+            objects = [(m, ph, c) for m, (_m, ph, c) in zip(masks, objects, strict=True)]
         dets = []
-        for (mask, phrase, colour), rank in zip(objects, ranks, strict=True):
+        for (mask, phrase, colour), rank, halo in zip(objects, ranks, halos, strict=True):
             score = float(np.clip(dist[mask].mean() / (2 * p.tolerance), 0, 1))
+            extra = {"candidate": EXACT, "depth": rank, "colour": colour}
+            if halo:
+                extra["halo_px"] = halo  # the inpainter grows this hole at least this much
             dets.append(Detection(phrase=phrase, box=_box(mask), score=round(score, 4),
-                                  mask=_u8(mask), caption=with_article(phrase),
-                                  extra={"candidate": EXACT, "depth": rank, "colour": colour}))
+                                  mask=_u8(mask), caption=with_article(phrase), extra=extra))
         item.detections = sorted(dets, key=lambda d: d.extra["depth"])
         return True
 
+    def _edge_alpha(self, image: np.ndarray, dist: np.ndarray,
+                    masks: list[np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
+        """Masks whose edge follows where the object covers half of each pixel, and per mask
+        the width (px) of its faint outer edge (the halo).
+
+        An edge pixel of an anti-aliased or blurred outline mixes the object's colour (that of
+        its nearest interior pixel) with the colour beyond (the nearest pixel clear of the edge:
+        background or another object); the mixing weight is the object's coverage, alpha.
+        Pixels within ``edge_px + 1`` of the outline belong to the object where alpha >= 0.5
+        (the truth of a binary layer); a pixel of a background colour is background. Pixels
+        just outside with alpha above ``halo_alpha`` are the halo: the hole must cover them, or
+        a faint outline of the object stays in the background. Hard edges are unchanged.
+        """
+        p: ContrastParams = self.params
+        h, w = dist.shape
+        r = p.edge_px + 1
+        wide = max(r + 1, round(p.edge_band_frac * min(h, w)))
+        kr = _disk(r)
+        union = np.zeros((h, w), bool)
+        for m in masks:
+            union |= m
+        eroded = [cv2.erode(m.astype(np.uint8), kr) > 0 for m in masks]
+        clear = ~(cv2.dilate(union.astype(np.uint8), kr) > 0)
+        img = image.astype(np.float32)
+        alphas: list[np.ndarray | None] = []
+        for k, m in enumerate(masks):
+            ys, xs = np.nonzero(m)
+            pad = wide + r + 2
+            y0, x0 = max(0, ys.min() - pad), max(0, xs.min() - pad)
+            y1, x1 = min(h, ys.max() + pad + 1), min(w, xs.max() + pad + 1)
+            inner = eroded[k][y0:y1, x0:x1]
+            if not inner.any():
+                inner = m[y0:y1, x0:x1]
+            other = clear[y0:y1, x0:x1].copy()
+            for j, e in enumerate(eroded):
+                if j != k:
+                    other |= e[y0:y1, x0:x1]
+            if not other.any():
+                alphas.append(None)
+                continue
+            x = img[y0:y1, x0:x1]
+            ii = ndimage.distance_transform_edt(~inner, return_distances=False, return_indices=True)
+            oi = ndimage.distance_transform_edt(~other, return_distances=False, return_indices=True)
+            c, b = x[ii[0], ii[1]], x[oi[0], oi[1]]
+            cb = c - b
+            den = (cb * cb).sum(-1)
+            a = np.clip(((x - b) * cb).sum(-1) / np.maximum(den, 1e-6), 0, 1)
+            keep = den < p.edge_tolerance**2  # no contrast to tell by: membership as it was
+            a = np.where(keep, m[y0:y1, x0:x1].astype(np.float32), a)
+            a[(dist[y0:y1, x0:x1] <= p.edge_tolerance) & ~inner] = 0.0  # a background colour
+            full = np.zeros((h, w), np.float32)
+            full[y0:y1, x0:x1] = a
+            full[eroded[k]] = 1.0
+            alphas.append(full)
+        out = []
+        for k, m in enumerate(masks):
+            if alphas[k] is None:
+                out.append(m)
+                continue
+            zone = (cv2.dilate(m.astype(np.uint8), kr) > 0) & ~eroded[k]
+            out.append(eroded[k] | (zone & (alphas[k] >= 0.5)))
+        # A pixel two objects claim goes to the one covering more of it.
+        for k in range(len(out)):
+            for j in range(k + 1, len(out)):
+                both = out[k] & out[j]
+                if both.any() and alphas[k] is not None and alphas[j] is not None:
+                    to_k = both & (alphas[k] >= alphas[j])
+                    out[j] &= ~to_k
+                    out[k] &= ~(both & ~to_k)
+        taken = np.zeros((h, w), bool)
+        for m in out:
+            taken |= m
+        halos = []
+        for k, m in enumerate(out):
+            if alphas[k] is None or not m.any():
+                halos.append(0)
+                continue
+            d = cv2.distanceTransform((~m).astype(np.uint8), cv2.DIST_L2, 3)
+            faint = ~taken & (d <= wide) & (alphas[k] > p.halo_alpha)
+            halos.append(int(math.ceil(float(d[faint].max()))) if faint.any() else 0)
+        return out, halos
+
     def _split(self, image: np.ndarray, cand: np.ndarray, dist: np.ndarray,
                phrases: list[str]) -> list[tuple[np.ndarray, str, str]]:
-        """Candidate pixels split by colour into (mask, phrase, colour name) objects."""
+        """Candidate pixels split by colour into (mask, phrase, colour name) objects.
+
+        The image's own dominant colours make the clusters (a caption's colour words are
+        ranges, not values, so they name clusters instead of seeding them); a cluster holding
+        two near colours that meet along a sharp edge is split there (:meth:`_split_near`).
+        Caption phrases are then given to the objects jointly, each colour word to the object
+        it describes best (:func:`colour_fit`), larger objects first on ties.
+        """
         p: ContrastParams = self.params
         h, w = cand.shape
         min_area = max(p.min_part_px, int(p.min_object_share * h * w))
         ys, xs = np.nonzero(cand)
         pixels = image[ys, xs]
+        modes = _colour_modes(pixels, p.colour_radius, min_area, p.max_objects)
         coloured = [(ph, c) for ph in phrases if (c := colour_of(ph)) is not None]
-        centres: list[np.ndarray] = []
-        names: list[str | None] = []
-        for ph, c in coloured:
-            centres.append(np.array(PALETTE[c], np.float32))
-            names.append(ph)
-        labels = np.full(len(pixels), -1)
-        if centres:
-            labels, centres = _clusters(pixels, centres, p.colour_radius)
-        rest = labels < 0
-        if rest.sum() >= min_area:  # colours the caption does not name
-            modes = _colour_modes(pixels[rest], p.colour_radius, min_area, p.max_objects)
-            if modes:
-                extra, modes = _clusters(pixels[rest], modes, p.colour_radius)
-                labels[rest] = np.where(extra >= 0, extra + len(centres), -1)
-                centres += modes
-                names += [None] * len(modes)
-        objects: list[tuple[np.ndarray, str, str]] = []
-        colourless = [ph for ph in phrases if colour_of(ph) is None]
-        used: set[str] = set()
-        order = np.argsort([-(labels == k).sum() for k in range(len(centres))])
-        for k in order:
+        # A colour word of the caption that no dominant colour fits (its object is small, or
+        # blurred over many shades): the candidate pixels its range holds seed a cluster.
+        words = sorted({c for _ph, c in coloured})
+        if words:
+            from scipy.optimize import linear_sum_assignment
+
+            missing = set(words)
+            if modes:  # the words the dominant colours answer, jointly
+                have = colour_fit(np.stack(modes))
+                cost = np.stack([have[w] for w in words])
+                for r, c in zip(*linear_sum_assignment(cost), strict=True):
+                    if cost[r, c] < COLOUR_FIT_MAX:
+                        missing.discard(words[r])
+            fits = colour_fit(pixels)
+            best = np.min(np.stack([fits[w] for w in words]), 0)
+            for word in sorted(missing):
+                # Pixels this word describes, and better than any other word of the caption.
+                sel = (fits[word] < COLOUR_FIT_MAX) & (fits[word] <= best)
+                if sel.sum() >= min_area // 2:
+                    modes.append(np.median(pixels[sel], 0).astype(np.float32))
+        if not modes:
+            return []
+        labels, centres = _clusters(pixels, modes, p.colour_radius)
+        masks: list[np.ndarray] = []
+        for k in np.argsort([-(labels == k).sum() for k in range(len(centres))]):
             sel = labels == k
             if sel.sum() < min_area:
                 continue
@@ -438,21 +656,78 @@ class ContrastGround(Stage):
             n, lab, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
             keep = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= p.min_part_px]
             mask = np.isin(lab, keep)
-            if mask.sum() < min_area:
-                continue
-            colour = nearest_colour(centres[k])
-            phrase = names[k]
-            if phrase is None or phrase in used:
-                # Same colour as a caption phrase, else the next colourless phrase, else a name.
-                phrase = next((ph for ph, c in coloured if c == colour and ph not in used), None)
-                if phrase is None:
-                    phrase = next((ph for ph in colourless if ph not in used), f"{colour} object")
-            used.add(phrase)
-            objects.append((mask, phrase, colour))
-        named = {ph for ph, _c in coloured}
-        return self._absorb_edges(image, cand, dist, objects,
-                                  [bool(coloured) and ph in named for _m, ph, _c in objects],
+            if mask.sum() >= min_area:
+                masks += self._split_near(image, mask, min_area, p.split_depth)
+        if len(masks) > 2 * p.max_objects:
+            return []  # clutter, not objects (the caller's count test rejects it)
+        colours = [np.array(cv2.mean(image, m.astype(np.uint8))[:3]) for m in masks]
+        colourless = [ph for ph in phrases if colour_of(ph) is None]
+        names: list[str | None] = [None] * len(masks)
+        if coloured and masks:
+            from scipy.optimize import linear_sum_assignment
+
+            fits = colour_fit(np.stack(colours))
+            areas = np.array([m.sum() for m in masks], np.float64)
+            cost = np.stack([np.minimum(fits[c], 10.0) for _ph, c in coloured])  # (phrases, objects)
+            cost = cost + 0.5 * (1 - np.sqrt(areas / areas.max()))[None]
+            rows, cols = linear_sum_assignment(cost)
+            for r, c in zip(rows, cols, strict=True):
+                if fits[coloured[r][1]][c] <= p.max_colour_misfit:
+                    names[c] = coloured[r][0]
+        objects: list[tuple[np.ndarray, str, str]] = []
+        used = {n for n in names if n is not None}
+        for mask, colour, name in zip(masks, colours, names, strict=True):
+            word = colour_name(colour)
+            if name is None:
+                name = next((ph for ph in colourless if ph not in used), f"{word} object")
+                used.add(name)
+            else:
+                word = colour_of(name) or word
+            objects.append((mask, name, word))
+        return self._absorb_edges(image, cand, dist, objects, [n is not None for n in names],
                                   bool(coloured))
+
+    def _split_near(self, image: np.ndarray, mask: np.ndarray, min_area: int, depth: int) -> list[np.ndarray]:
+        """One colour cluster as one or more objects: two near colours (farther apart than
+        ``split_min_distance``) are two objects when they meet along a short, sharp edge (a
+        colour step between neighbouring pixels, not shading or texture). Recursive to ``depth``."""
+        p: ContrastParams = self.params
+        ys, xs = np.nonzero(mask)
+        if depth <= 0 or len(ys) < 2 * min_area:
+            return [mask]
+        x = image[ys, xs].astype(np.float32)
+        xc = x - x.mean(0)
+        _u, _s, vt = np.linalg.svd(xc[:: max(1, len(xc) // 4000)], full_matrices=False)
+        proj = xc @ vt[0]
+        lo, hi = np.percentile(proj, (10, 90))
+        c = np.stack([x[proj <= lo].mean(0), x[proj >= hi].mean(0)])
+        for _ in range(6):  # 2-means
+            lab = np.linalg.norm(x - c[1], axis=1) < np.linalg.norm(x - c[0], axis=1)
+            if lab.all() or not lab.any():
+                return [mask]
+            c = np.stack([x[~lab].mean(0), x[lab].mean(0)])
+        gap = float(np.linalg.norm(c[0] - c[1]))
+        if gap < p.split_min_distance:
+            return [mask]
+        a = np.zeros_like(mask)
+        b = np.zeros_like(mask)
+        a[ys[~lab], xs[~lab]] = True
+        b[ys[lab], xs[lab]] = True
+        area = min(int(a.sum()), int(b.sum()))
+        if area < min_area:
+            return [mask]
+        img = image.astype(np.float32)
+        across_h = (a[:, :-1] & b[:, 1:]) | (b[:, :-1] & a[:, 1:])
+        across_v = (a[:-1] & b[1:]) | (b[:-1] & a[1:])
+        pairs = int(across_h.sum() + across_v.sum())
+        if pairs > p.split_max_boundary * math.sqrt(area):
+            return [mask]  # a long, ragged border: texture, not two objects
+        # (No shared border at all: two apart objects of near colours.)
+        jumps = np.concatenate([np.linalg.norm(img[:, :-1] - img[:, 1:], axis=2)[across_h],
+                                np.linalg.norm(img[:-1] - img[1:], axis=2)[across_v]])
+        if len(jumps) and float(np.median(jumps)) < p.split_edge_jump * gap:
+            return [mask]  # shading: neighbours change gradually across the split
+        return self._split_near(image, a, min_area, depth - 1) + self._split_near(image, b, min_area, depth - 1)
 
     def _absorb_edges(self, image: np.ndarray, cand: np.ndarray, dist: np.ndarray,
                       objects: list[tuple[np.ndarray, str, str]], named: list[bool],
@@ -912,6 +1187,7 @@ class OpenCVInpaint(Stage):
             if det.mask is None:
                 continue
             grow = p.grow_px_rough if det.extra.get("candidate") == ROUGH else p.grow_px
+            grow = max(grow, int(det.extra.get("halo_px", 0)))  # a blurred outline's faint edge
             m = (det.mask > 0).astype(np.uint8)
             holes |= (cv2.dilate(m, _disk(grow)) > 0) if grow > 0 else m > 0
         background = image.copy()

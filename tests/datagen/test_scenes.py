@@ -142,3 +142,24 @@ def test_upright_scenes_fix_every_rotation() -> None:
             assert (scene.masks[0][ys.min():ys.max() + 1, xs.min():xs.max() + 1] > 0).all()
             return
     raise AssertionError("no square in 60 single-object scenes")
+
+
+def test_hard_scenes_keep_their_truth() -> None:
+    from datagen.scenes import HARD_KINDS, make_hard_scene
+
+    for kind in HARD_KINDS:
+        for seed in range(4):
+            scene = make_hard_scene(seed, 96, kind)
+            assert scene.image.shape == (96, 96, 3) and scene.background_kind.startswith(kind)
+            assert sorted(extract_phrases(scene.caption)) == sorted(scene.phrases)
+            outside = ~scene.hole()
+            if kind != "soft":  # blurred edges reach past the binary masks
+                assert np.array_equal(scene.image[outside], scene.background[outside])
+            assert all(m.any() for m in scene.masks)
+    border = make_hard_scene(1, 96, "border").masks[-1] > 0
+    assert border[0].any() or border[-1].any() or border[:, 0].any() or border[:, -1].any()
+    near = make_hard_scene(2, 96, "near")
+    front = near.image[near.visible_masks()[-1] > 0].astype(float).mean(0)
+    assert 30 <= np.linalg.norm(front - near.background.reshape(-1, 3).mean(0)) <= 70
+    with pytest.raises(ValueError):
+        make_hard_scene(0, 64, "blob")
