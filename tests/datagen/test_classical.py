@@ -359,7 +359,8 @@ def test_anti_aliased_outline_follows_half_coverage(stages) -> None:
         item = _item(scene)
         run_stages(stages, [item])
         assert item.ok and len(item.detections) == scene.num_layers
-        ious, _ = match([d.mask > 0 for d in item.detections], [m > 0 for m in scene.visible_masks()])
+        # soft alpha at the edge: the object's half-coverage outline is where alpha >= 128
+        ious, _ = match([d.mask >= 128 for d in item.detections], [m > 0 for m in scene.visible_masks()])
         assert min(ious) >= 0.9, (seed, ious)
         assert psnr(item.background, scene.background, scene.hole()) >= 35
 

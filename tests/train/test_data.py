@@ -93,23 +93,6 @@ def test_resize_and_crop_keep_layers_aligned(tmp_path: Path) -> None:
     assert torch.allclose(fg[:, 0, 0], red, atol=2e-2)  # edge colour not darkened by the zero fill
 
 
-def test_soft_alpha_trains_as_stored(tmp_path: Path) -> None:
-    import numpy as np
-
-    from tests.train.shards import png
-
-    members = make_members("soft", 32, [("red", (4, 4, 20, 20))])
-    mask = np.zeros((32, 32), np.uint8)
-    mask[4:20, 4:20] = 255
-    mask[4:20, 20] = 128  # a half-covered column: the object's soft edge
-    mask[4:20, 3] = 64
-    members["mask.0.png"] = png(mask)
-    shard = write_tar(tmp_path / "s.tar", [("soft", members)])
-    (ex,) = list(make_dataset(_cfg(str(shard)), train=False))
-    got = (ex["layers"][4][0] + 1) / 2 * 255
-    assert torch.allclose(got, torch.from_numpy(mask).float(), atol=0.5)  # continuous targets, as stored
-
-
 def test_caption_dropout() -> None:
     ex = {"prompt": "a red square", "layer_prompts": ["bg", "fg", ""]}
     assert drop_captions(dict(ex), random.Random(0), 1.0, 0.0, 0.0) == {"prompt": "", "layer_prompts": ["", "", ""]}
