@@ -101,7 +101,9 @@ class LayerAssembler(Stage):
             item.reject(self.stage, "no image or background from earlier stages")
             return
         h, w = image.shape[:2]
-        given_pixels = all(d.pixels is not None for d in item.detections)
+        # True layers (generated scenes): their own colours and whole masks. A matting grounder's
+        # decontaminated colours (Detection.pixels) wait for soft alpha in the format.
+        given_pixels = item.truth is not None and all(d.pixels is not None for d in item.detections)
         kept: list[Detection] = []
         dropped: list[str] = []
         for det in sorted(item.detections, key=lambda d: -d.score):
