@@ -2,7 +2,9 @@
 
 Runs the same stage objects three ways over the same demo items (in-process loop; Ray Data with
 1 and with 2 actors per stage) and times the shard writer against plain ``tarfile`` writing the
-same bytes. Prints a Markdown table for BENCHMARKS.md.
+same bytes. Then the photo path alone: a folder of real photos through Ray Data with the pipeline's
+ground (``matte``: the matting model) and with the classical ``contrast`` grounder, side by side.
+Prints Markdown tables for BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import shutil
 import tarfile
 import tempfile
 import time
@@ -29,9 +32,51 @@ def _items(cfg, n: int) -> list[Item]:
 
 def _timed(stream) -> tuple[int, float, float]:
     """Items, images/s (start-up included) and seconds to the first result (actor start-up)."""
+    n, rate, first, _steady = _timed_steady(stream)
+    return n, rate, first
+
+
+def _timed_steady(stream) -> tuple[int, float, float, float]:
+    """As :func:`_timed`, plus images/s after the first result (start-up and model load excluded)."""
     t0 = time.perf_counter()
     stamps = [time.perf_counter() for _ in stream]
-    return len(stamps), len(stamps) / (stamps[-1] - t0), stamps[0] - t0
+    steady = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 and stamps[-1] > stamps[0] else 0.0
+    return len(stamps), len(stamps) / (stamps[-1] - t0), stamps[0] - t0, steady
+
+
+def bench_photo_path(pipeline: str, n: int) -> list[tuple[str, int, float, float, float, int]]:
+    """``n`` real photos (bundled and unseen, repeated) through Ray Data, 1 actor per stage: the
+    pipeline as configured (its ground, ``matte``) and with the classical ``contrast`` ground."""
+    from datagen.photobench import photo_sets
+    from datagen.registry import get_backend
+
+    sets = photo_sets()
+    photos = list(sets["bundled"].values()) + list(sets["unseen"].values())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for i in range(n):
+            path, caption = photos[i % len(photos)]
+            shutil.copy(path, folder / f"{i:04d}{path.suffix}")
+            (folder / f"{i:04d}.txt").write_text(caption)
+        cfg = load_config(pipeline, {"source_kind": "folder", "source_path": str(folder)})
+        init_ray(cfg)
+        classical = copy.deepcopy(cfg)
+        classical.stages["ground"].backend = "contrast"
+        classical.stages["ground"].params = get_backend("ground", "contrast").Params()
+        for label, c in ((f"photos, ground {cfg.stages['ground'].backend}", cfg),
+                         ("photos, ground contrast (classical)", classical)):
+            accepted: list[bool] = []
+            items = _items(c, n)
+
+            def stream(cfg_=c, items_=items, acc=accepted):
+                for item in run_ray(cfg_, items_):
+                    acc.append(item.ok)
+                    yield item
+
+            count, rate, first, steady = _timed_steady(stream())
+            rows.append((label, count, rate, first, steady, sum(accepted)))
+    return rows
 
 
 def bench_engines(pipeline: str, n: int) -> list[tuple[str, int, float, float]]:
@@ -75,7 +120,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--pipeline", default="pipelines/default.yaml")
     parser.add_argument("-n", type=int, default=96, help="items per engine run")
+    parser.add_argument("--photos", type=int, default=24, help="photos per photo-path run (0: skip)")
+    parser.add_argument("--photos-only", action="store_true", help="only the photo-path runs")
     args = parser.parse_args()
+    if args.photos:
+        photo_rows = bench_photo_path(args.pipeline, args.photos)
+        print(f"\n| photo path ({args.photos} real photos, Ray Data, 1 actor/stage) | items | accepted | images/s "
+              "| images/s after the first | s to first result |\n|---|---|---|---|---|---|")
+        for name, count, rate, first, steady, ok in photo_rows:
+            print(f"| {name} | {count} | {ok} | {rate:.2f} | {steady:.2f} | {first:.1f} |")
+        if args.photos_only:
+            return
     writer = bench_writer(args.pipeline, 16)
     rows = bench_engines(args.pipeline, args.n)
     print(f"\n| engine ({args.n} demo items, {args.pipeline}) | items | images/s | s to first result |"

@@ -27,6 +27,7 @@ from datagen.photobench import (
     score_composite,
 )
 from datagen.runner import run
+from manifests.validate import validate_dataset
 from tests.datagen.helpers import ROOT, load_json, read_shard
 
 
@@ -109,6 +110,7 @@ def test_make_dataset_on_a_photo_folder_through_ray(isnet: Path, tmp_path: Path,
                        "shards": 1, "samples_per_shard": 3})
     cfg.stages["ground"].params.model = str(isnet)
     run(cfg, engine="ray", progress=False)
+    assert validate_dataset(tmp_path / "out").ok()
     manifest = load_json(tmp_path / "out" / "manifests" / "000000.json")
     ground = manifest["stages"]["ground"]
     assert ground["licence"] == LICENCE == "AGPL-3.0"
