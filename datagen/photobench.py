@@ -210,7 +210,7 @@ def run_item(stages: dict[str, Stage], item: Item) -> tuple[Item, float]:
     for stage in STAGES[:-1]:
         stages[stage].run_items([item])
     before = copy.copy(item)
-    before.detections = list(item.detections)
+    before.detections = [copy.copy(d) for d in item.detections]  # assemble rebinds their masks
     stages["assemble"].run_items([item])
     seconds = time.perf_counter() - t0
     before.rejected = item.rejected

@@ -2,8 +2,8 @@
 
 Flat scenes (a few compact objects on a plain background) keep the contrast grounder's colour
 model, exact there (``classical_first``); when such objects are found on a textured image
-(:func:`flat_share` below ``flat_image``: grass, gravel, photos) they are kept only if they agree
-with the matte's salient core (``min_agreement``). Every other image goes, in one batch per actor call,
+(:func:`flat_share` below ``flat_image``: grass, gravel, photos), or include objects the caption
+does not name, they are kept only if they agree with the matte's salient core (``min_agreement``). Every other image goes, in one batch per actor call,
 through a matting model in ONNX (ISNet by default, fetched by ``make isnet-weights``; any rembg-style
 ISNet / U2-Net / BiRefNet file works: one RGB input ``[N, 3, H, W]``, first output the saliency
 map, a probability: see ``activation``) on ``onnxruntime``, with its threads matched to the stage's ``num_cpus``:
@@ -149,6 +149,18 @@ def flat_share(image: np.ndarray, tolerance: int = 3) -> float:
     return float(((dx <= tolerance) & (dy <= tolerance)).mean())
 
 
+def _parts_of_one(dets: list[Detection], support: np.ndarray) -> bool:
+    """Whether two detections lie mostly (> half each) in the same connected salient region."""
+    _n, lab = cv2.connectedComponents(support.astype(np.uint8), connectivity=8)
+    owners = []
+    for d in dets:
+        labels = lab[d.mask > 0]
+        labels = labels[labels > 0]
+        if len(labels) and np.bincount(labels).max() > 0.5 * int((d.mask > 0).sum()):
+            owners.append(int(np.bincount(labels).argmax()))
+    return len(owners) != len(set(owners))
+
+
 def _colour_share(image: np.ndarray, alpha: np.ndarray, colour: str) -> float:
     """Share of the region's alpha mass whose pixels are nearest to ``colour`` in the palette."""
     names = list(PALETTE)
@@ -258,12 +270,16 @@ class MatteGround(ContrastGround):
 
     def process(self, items: list[Item]) -> None:
         p: MatteParams = self.params
-        photos, checks = [], []
+        photos, checks, unnamed = [], [], set()
         for it in items:
             if not p.classical_first or self.compact(it) is not None:
                 photos.append(it)
-            elif flat_share(it.image) < p.flat_image:
-                checks.append(it)  # objects on a textured image: the colour model may have cut texture
+                continue
+            if it.phrases and any(d.phrase not in it.phrases for d in it.detections):
+                unnamed.add(it.key)  # objects the caption does not name: maybe shading or rings
+            if flat_share(it.image) < p.flat_image or it.key in unnamed:
+                # the colour model may have cut texture or shading into objects (a photo)
+                checks.append(it)
         todo = photos + checks
         if not todo:
             return
@@ -276,6 +292,8 @@ class MatteGround(ContrastGround):
                 core = alpha >= p.core_alpha
                 agreement = float((union & core).sum() / max((union | core).sum(), 1))
                 item.quality["matte_agreement"] = round(agreement, 3)
+                if item.key in unnamed and _parts_of_one(item.detections, alpha >= p.alpha_floor):
+                    agreement = 0.0  # colour rings of one salient object (a cell and its halo)
                 if agreement >= p.min_agreement or not dets:
                     continue  # the matte agrees with the colour model's objects (or has none): keep them
             if reason:
