@@ -1,0 +1,196 @@
+"""``python -m manifests.serve_bench``: how fast the dataset browser serves a 10,000-sample dataset.
+
+Synthesises a format-1 dataset of generated scenes (``datagen.scenes.make_scene``, their true
+layers, written through ``datagen.writer.write_shard``; reused when OUT already holds it), starts
+``python -m manifests serve``'s server on it, and measures
+
+* the shard index: built cold (every tar's headers and json members) and loaded from its cache;
+* ``/api/samples`` for gallery pages (plain, filtered, sorted);
+* a full gallery page in headless Chromium (the system package): from navigation to every image,
+  background and RGBA layer of the page decoded and every recomposition drawn, on pages not seen
+  before (the server's image cache cold for them).
+
+Prints a Markdown table for BENCHMARKS.md. Chromium flags: :data:`CHROMIUM_ARGS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from datagen.format import SAMPLE_SCHEMA, LayerSample, psnr
+from datagen.item import Item
+from datagen.scenes import make_scene
+from datagen.writer import read_verified_manifest, write_index, write_shard
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+BENCH_STAGES = {stage: {"backend": "truth" if stage in ("caption", "ground", "segment", "inpaint") else name,
+                        "model": None, "checkpoint": None, "version": "1"}
+                for stage, name in (("decode", "scene"), ("caption", ""), ("ground", ""), ("segment", ""),
+                                    ("inpaint", ""), ("assemble", "direct"))}
+
+
+def launch_chromium(playwright: Any, **kwargs: Any) -> Any:
+    """Headless system Chromium through Playwright (never a downloaded browser); Playwright gives
+    each launch a fresh profile directory."""
+    if not os.access(CHROMIUM, os.X_OK):
+        raise FileNotFoundError(f"{CHROMIUM} is missing: `make browser-deps` installs the chromium package")
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, **kwargs)
+
+
+def scene_sample(seed: int, size: int) -> LayerSample:
+    """A format-1 sample of generated scene ``seed`` from its true layers (json as the pipeline writes)."""
+    scene = make_scene(seed, size=size)
+    key = f"bench-{seed:06d}"
+    layers = []
+    for n, (mask, phrase, caption) in enumerate(zip(scene.masks, scene.phrases, scene.layer_captions, strict=True)):
+        ys, xs = (mask > 0).nonzero()
+        layers.append({"index": n, "phrase": phrase, "caption": caption, "score": 1.0,
+                       "box": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
+                       "area": round(float((mask > 0).mean()), 6)})
+    sample = LayerSample(key, scene.image, scene.background, scene.foregrounds, scene.masks, scene.caption)
+    sample.meta = {
+        "schema": SAMPLE_SCHEMA, "key": key, "width": size, "height": size, "caption": scene.caption,
+        "background": {"caption": scene.background_caption}, "layers": layers,
+        "source": {"uri": f"scene-gt:{seed}", "sha256": hashlib.sha256(scene.image.tobytes()).hexdigest()},
+        "quality": {"recon_psnr": round(psnr(sample.recompose(), scene.image), 3),
+                    "hole_share": round(float(scene.hole().mean()), 4)},
+    }
+    return sample
+
+
+def _write_bench_shard(out: str, shard: int, per_shard: int, size: int, config_sha: str) -> int:
+    t0 = time.perf_counter()
+    items = []
+    for i in range(per_shard):
+        seed = shard * per_shard + i
+        sample = scene_sample(seed, size)
+        items.append(Item(key=sample.key, shard=shard, index=i, uri=f"scene-gt:{seed}", source={},
+                          members=sample.to_members(), num_layers=sample.num_layers))
+    write_shard(Path(out), shard, items, config_sha, BENCH_STAGES, time.perf_counter() - t0)
+    return shard
+
+
+def synthesise(out: Path, samples: int, per_shard: int, size: int, jobs: int) -> float:
+    """Write (or complete) the benchmark dataset; returns the seconds spent writing."""
+    config = {"source": {"kind": "synthetic-gt"}, "image_size": size, "samples_per_shard": per_shard,
+              "bench": "manifests.serve_bench"}
+    config_sha = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    (out / "manifests").mkdir(parents=True, exist_ok=True)
+    todo = [s for s in range(samples // per_shard) if read_verified_manifest(out, s, config_sha) is None]
+    t0 = time.perf_counter()
+    if todo:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            for n, shard in enumerate(pool.map(_write_bench_shard, [str(out)] * len(todo), todo,
+                                               [per_shard] * len(todo), [size] * len(todo),
+                                               [config_sha] * len(todo)), 1):
+                if n % 10 == 0 or n == len(todo):
+                    print(f"  wrote shard {shard:06d} ({n}/{len(todo)})", flush=True)
+        write_index(out, config, config_sha)
+    return time.perf_counter() - t0
+
+
+def _get_json(url: str) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=60) as res:
+        doc = json.loads(res.read())
+    return (time.perf_counter() - t0) * 1000, doc
+
+
+def _stats(ms: list[float]) -> str:
+    ms = sorted(ms)
+    p95 = ms[min(len(ms) - 1, round(0.95 * (len(ms) - 1)))]
+    return f"{statistics.median(ms):.0f} | {p95:.0f} | {ms[-1]:.0f}"
+
+
+def browser_page_loads(url: str, pages: list[str], before_each: Any = None) -> list[float]:
+    """Milliseconds from navigation start to a gallery page fully drawn, per page URL query
+    (``before_each()`` runs before each navigation, e.g. to empty the server's image cache)."""
+    from playwright.sync_api import sync_playwright
+
+    times = []
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url + "?per_page=1")  # warm the static files and the connection
+        page.wait_for_selector("#app[data-ready=gallery]")
+        for query in pages:
+            if before_each is not None:
+                before_each()
+            page.goto(url + query)
+            page.wait_for_selector("#app[data-ready=gallery]", timeout=60_000)
+            times.append(page.evaluate("performance.now()"))
+        browser.close()
+    return times
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "layerdiff-browse-bench",
+                        help="dataset folder (synthesised when missing; default under the temp dir)")
+    parser.add_argument("--samples", type=int, default=10_000)
+    parser.add_argument("--per-shard", type=int, default=100)
+    parser.add_argument("--size", type=int, default=256, help="image size (the default pipeline's)")
+    parser.add_argument("--pages", type=int, default=20, help="gallery pages loaded in the browser per query")
+    parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+
+    from manifests.serve import Browser, BrowserServer, PartCache
+    from manifests.shardindex import open_index
+
+    wrote = synthesise(args.out, args.samples, args.per_shard, args.size, args.jobs)
+    print(f"dataset {args.out}: {args.samples} samples ({wrote:.0f} s to write what was missing)")
+    with tempfile.TemporaryDirectory() as cache:
+        t0 = time.perf_counter()
+        open_index(args.out, Path(cache))
+        cold = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        browser = Browser(args.out, cache_dir=Path(cache))
+        warm = time.perf_counter() - t0
+    server = BrowserServer(browser, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = server.url
+    pages = max(1, len(browser.index.samples) // 24)
+    queries = {
+        "gallery page": [f"?page={1 + (i * 37) % pages}" for i in range(args.pages)],
+        "filtered (layers=2, caption 'circle') + sorted by recon_psnr": [
+            f"?layers=2&q=circle&sort=recon_psnr&order=desc&page={1 + i}" for i in range(args.pages)],
+    }
+    rows = []
+    for name, qs in queries.items():
+        api = [_get_json(f"{url}api/samples{q}")[0] for q in qs]
+        rows.append((f"`/api/samples` JSON, {name}", api))
+    rows_browser = []
+    try:
+        def cold() -> None:
+            browser.parts = PartCache()  # every image of the page decoded and encoded anew
+
+        for name, qs in queries.items():
+            rows_browser.append((f"Chromium, full {name} (24 samples: image, bg, RGBA layers, recomposition)",
+                                 browser_page_loads(url, qs, cold)))
+    except FileNotFoundError as err:
+        print(f"no browser figures: {err}")
+    server.shutdown()
+    print(f"\n| {len(browser.index.samples)} samples, {len(browser.index.shards)} shards, {args.size} px "
+          f"| median ms | p95 ms | max ms |\n|---|---|---|---|")
+    print(f"| shard index, built cold (all tars) | {cold * 1000:.0f} | | |")
+    print(f"| shard index, loaded from its cache | {warm * 1000:.0f} | | |")
+    for name, ms in rows + rows_browser:
+        print(f"| {name} | {_stats(ms)} |")
+
+
+if __name__ == "__main__":
+    main()
