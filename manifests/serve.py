@@ -17,12 +17,14 @@ import base64
 import io
 import json
 import math
+import os
 import re
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -68,18 +70,21 @@ class SampleLayers:
     background: np.ndarray
     layers: list[np.ndarray]
     meta: dict[str, Any]
+    stored_png: dict[str, bytes] = field(default_factory=dict)  # "image"/"bg" already stored as PNG
 
 
 def sample_layers(key: str, members: Mapping[str, bytes]) -> SampleLayers:
     """Decode a sample's members into RGBA layers and its json (raises ValueError on a bad sample).
 
     Format 1 stores each layer as an RGB ``fg.N`` plus a binary ``mask.N``: the mask becomes the
-    alpha channel. This is the browser's only decoding call site, so a reader that returns RGBA
+    alpha channel; its image and background are stored as RGB PNGs, passed on as they are (no
+    re-encoding). This is the browser's only decoding call site, so a reader that returns RGBA
     layers for every format version replaces its body alone.
     """
     s = LayerSample.from_members(key, members)
     layers = [np.dstack([fg, mask]) for fg, mask in zip(s.foregrounds, s.masks, strict=True)]
-    return SampleLayers(key, s.image, s.background, layers, s.meta)
+    return SampleLayers(key, s.image, s.background, layers, s.meta,
+                        stored_png={"image": members["image.png"], "bg": members["bg.png"]})
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -233,6 +238,9 @@ class Browser:
         self._refreshed = time.monotonic()
         self._refresh_lock = threading.Lock()
         self._thumbs: dict[tuple[int, int], dict[str, Any]] = {}
+        # Decodes a gallery page's samples as soon as the page is asked for, before the browser's
+        # image requests arrive (PIL releases the GIL while it decodes and compresses).
+        self._warmer = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="warm")
 
     # dataset state
     def refresh(self, min_interval: float = 1.0) -> None:
@@ -360,9 +368,17 @@ class Browser:
         chosen = self.select(q)
         pages = max(1, math.ceil(len(chosen) / q.per_page))
         start = (q.page - 1) * q.per_page
+        page = chosen[start:start + q.per_page]
+        for s in page:
+            self._warmer.submit(self._warm, s.key)
         return {"total": len(chosen), "dataset_samples": len(self.index.samples), "page": q.page,
-                "per_page": q.per_page, "pages": pages,
-                "samples": [self.sample_doc(s) for s in chosen[start:start + q.per_page]]}
+                "per_page": q.per_page, "pages": pages, "samples": [self.sample_doc(s) for s in page]}
+
+    def _warm(self, key: str) -> None:
+        try:
+            self.part(key, "image.png")  # decodes the sample and caches every part of it
+        except HttpError:
+            pass  # the browser's own request reports it
 
     def part(self, key: str, part: str) -> bytes:
         """The PNG of one part of a sample: ``image``, ``bg`` or ``layer-N`` (RGBA)."""
@@ -387,7 +403,8 @@ class Browser:
                 raise HttpError(404, f"{key}: its shard changed; reload the page") from None
             except (OSError, ValueError, KeyError) as err:
                 raise HttpError(404, f"{key} is not decodable: {err}") from None
-            encoded = {"image": png_bytes(decoded.image), "bg": png_bytes(decoded.background)}
+            encoded = {"image": decoded.stored_png.get("image") or png_bytes(decoded.image),
+                       "bg": decoded.stored_png.get("bg") or png_bytes(decoded.background)}
             encoded.update({f"layer-{n}": png_bytes(layer) for n, layer in enumerate(decoded.layers)})
             for n, data in encoded.items():
                 self.parts.put((key, version, n), data)

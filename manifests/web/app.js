@@ -28,7 +28,11 @@ async function api(url) {
 }
 
 function fmt(v) {
-  if (typeof v === "number") return Number.isInteger(v) ? String(v) : v.toFixed(Math.abs(v) >= 100 ? 1 : 3);
+  if (typeof v === "number") {
+    if (Number.isInteger(v)) return String(v);
+    if (Math.abs(v) < 0.01) return v.toExponential(2);
+    return v.toFixed(Math.abs(v) >= 100 ? 1 : 3);
+  }
   if (Array.isArray(v)) return v.join(", ");
   return v === null || v === undefined ? "-" : String(v);
 }
