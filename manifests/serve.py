@@ -492,7 +492,7 @@ def source_thumbnail(uri: str, config: Mapping[str, Any]) -> dict[str, Any]:
     if kind in ("scene", "scene-gt") and rest.isdigit():
         desc: dict[str, Any] = {"kind": kind, "seed": int(rest)}
     elif kind == "skimage" and rest and "/" not in rest:
-        desc = {"kind": "skimage", "file": rest}
+        desc = {"kind": "skimage", "file": rest, "caption": ""}
     elif kind == "file" and source.get("path"):
         root = Path(str(source["path"]))
         rel = Path(rest)

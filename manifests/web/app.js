@@ -80,7 +80,8 @@ function filterForm(info, params) {
       options([["position", "shard order"], ["key", "key"], ...info.fields.map((f) => [f, f])], field("sort") || "position"))),
     h("label", {}, "order", h("select", {name: "order"}, options([["asc", "ascending"], ["desc", "descending"]], field("order") || "asc"))),
     h("label", {}, "per page", h("select", {name: "per_page"},
-      options(["12", "24", "48", "96"].map((n) => [n, n]), field("per_page") || "24"))),
+      options([...new Set(["12", "24", "48", "96", field("per_page") || "24"])].sort((a, b) => a - b).map((n) => [n, n]),
+        field("per_page") || "24"))),
     h("button", {type: "submit", id: "apply"}, "Apply"),
     h("a", {href: "/"}, "reset"));
   form.addEventListener("submit", (ev) => {

@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SHOTS = Path(os.environ.get("BROWSE_SCREENSHOTS", ROOT / "tests" / "output" / "browser"))
 # A readable rejected source (a generated scene: the thumbnail is drawn) next to unreadable ones.
 REJECTED = [DEFAULT_REJECTED[0] + [{"source": "scene:7", "key": "scene-000007", "stage": "assemble",
-                                    "reason": "recomposition PSNR 12.3 dB < 30 dB"}], DEFAULT_REJECTED[1]]
+                                    "reason": "recomposition PSNR 12.3 dB < 30 dB"}],
+            DEFAULT_REJECTED[1] + [{"source": "skimage:coins.png", "key": "photo-coins", "stage": "ground",
+                                    "reason": "no foreground found (only 0.2% of the image differs)"}]]
 
 
 def shards() -> list[list[Any]]:
@@ -185,9 +187,11 @@ def test_rejections_list_every_manifest_rejection(server, browse_dataset):
     doc = get_json(server, "/api/rejections")
     listed = sorted((i["shard"], i["index"], i["reason"]) for g in doc["groups"] for i in g["items"])
     expected = sorted((shard, i, r["reason"]) for shard, rs in enumerate(REJECTED) for i, r in enumerate(rs))
-    assert listed == expected and doc["total"] == 4
+    assert listed == expected and doc["total"] == 5
     ground = [g for g in doc["groups"] if g["stage"] == "ground"]
-    assert len(ground) == 1 and ground[0]["count"] == 2  # thresholds 0.35 and 0.30: one normalised reason
+    # Thresholds 0.35 and 0.30 make one normalised reason; the largest group comes first.
+    assert [(g["reason"], g["count"]) for g in ground] == [("no detection above threshold <n>", 2),
+                                                           ("no foreground found (only <n>% of the image differs)", 1)]
     scene = get_json(server, "/api/rejected/0/1")
     assert scene["readable"] is True
     import base64
@@ -195,6 +199,7 @@ def test_rejections_list_every_manifest_rejection(server, browse_dataset):
 
     thumb = Image.open(io.BytesIO(base64.b64decode(scene["png"])))
     assert thumb.size == (64, 64) and len(set(thumb.getdata())) > 2  # the scene, drawn
+    assert get_json(server, "/api/rejected/1/2")["readable"] is True  # a scikit-image demo photo
     assert get_json(server, "/api/rejected/1/1") == {"readable": False,
                                                       "why": "source 'file:///src/r2.png' cannot be located "
                                                              "from the manifests"}
@@ -202,7 +207,7 @@ def test_rejections_list_every_manifest_rejection(server, browse_dataset):
 
 def test_stats_match_the_summary(server, browse_dataset):
     doc = get_json(server, "/api/stats")
-    assert doc["totals"]["samples"] == 9 and doc["totals"]["rejected"] == 4
+    assert doc["totals"]["samples"] == 9 and doc["totals"]["rejected"] == 5
     counts = {str(k): sum(s.num_layers == k for s in browse_dataset.samples) for k in (1, 2, 3)}
     assert doc["layers"] == counts == {"1": 4, "2": 4, "3": 1}
 
@@ -339,9 +344,9 @@ def test_browser_rejections_stats_and_run(page, browse_dataset, server, tmp_path
     rows = pg.locator(".rejection").evaluate_all(
         "rows => rows.map(r => [Number(r.dataset.shard), Number(r.dataset.index), r.dataset.thumb])")
     assert sorted((s, i) for s, i, _ in rows) == [(s, i) for s, rs in enumerate(REJECTED) for i in range(len(rs))]
-    assert {(s, i): t for s, i, t in rows}[(0, 1)] == "image"
+    assert {(s, i): t for s, i, t in rows}[(0, 1)] == {(s, i): t for s, i, t in rows}[(1, 2)] == "image"
     assert sum(t == "unreadable" for _, _, t in rows) == 3
-    assert pg.get_attribute("#rejection-total", "data-total") == "4"
+    assert pg.get_attribute("#rejection-total", "data-total") == "5"
     pg.screenshot(path=str(SHOTS / "rejections.png"), full_page=True)
 
     pg.goto(pg.base + "/stats")
