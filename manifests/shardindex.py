@@ -111,7 +111,7 @@ def index_tar(path: Path) -> dict[str, Any]:
     return {"version": INDEX_VERSION, "tar": stamp, "samples": entries, "problems": problems}
 
 
-@dataclass
+@dataclass(slots=True)
 class IndexedSample:
     """Where one sample's members are, and its filter record."""
 
@@ -130,7 +130,8 @@ class ShardIndex:
 
     out: Path
     cache_dir: Path | None = None
-    shards: dict[int, dict[str, Any]] = field(default_factory=dict)  # shard -> index_tar() document
+    shards: dict[int, dict[str, Any]] = field(default_factory=dict)  # shard -> {"tar": stamp, "problems"}
+    shard_samples: dict[int, list[IndexedSample]] = field(default_factory=dict)
     tars: dict[int, Path] = field(default_factory=dict)
     samples: list[IndexedSample] = field(default_factory=list)
     by_key: dict[str, IndexedSample] = field(default_factory=dict)
@@ -183,25 +184,29 @@ class ShardIndex:
                 if doc is None:
                     doc = index_tar(tar)
                     self._store(shard, doc)
-                self.shards[shard] = doc
+                # Only the samples' compact records stay in memory, not the document.
+                self.shard_samples[shard] = [
+                    IndexedSample(e["key"], shard, {k: (v[0], v[1]) for k, v in e["members"].items()},
+                                  e["record"]["layers"], e["record"]["text"], e["record"]["numbers"], 0)
+                    for e in doc["samples"]]
+                self.shards[shard] = {"tar": doc["tar"], "problems": doc["problems"]}
                 changed.append(shard)
             removed = set(self.shards) - set(tars)
             for shard in removed:
-                del self.shards[shard]
+                del self.shards[shard], self.shard_samples[shard]
             self.tars = dict(tars)
             if changed or removed:
                 self._rebuild_table()
             return changed
 
     def _rebuild_table(self) -> None:
-        samples, by_key = [], {}
-        for shard in sorted(self.shards):
-            for entry in self.shards[shard]["samples"]:
-                if entry["key"] in by_key:
+        samples: list[IndexedSample] = []
+        by_key: dict[str, IndexedSample] = {}
+        for shard in sorted(self.shard_samples):
+            for s in self.shard_samples[shard]:
+                if s.key in by_key:
                     continue  # a duplicate key across shards: the first one is browsable
-                rec = entry["record"]
-                s = IndexedSample(entry["key"], shard, {k: (v[0], v[1]) for k, v in entry["members"].items()},
-                                  rec["layers"], rec["text"], rec["numbers"], len(samples))
+                s.position = len(samples)
                 samples.append(s)
                 by_key[s.key] = s
         self.samples, self.by_key = samples, by_key
