@@ -384,3 +384,26 @@ def test_bench_scene_samples_are_valid_format_1(tmp_path):
 
     sample = scene_sample(3, 64)
     assert check_sample(sample, max_layers=3) == []
+
+
+def test_cli_serve_starts_on_loopback_and_answers(browse_dataset, tmp_path):
+    import subprocess
+    import sys
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "manifests", "serve", str(browse_dataset.out), "--port", "0",
+                             "--cache-dir", str(tmp_path / "cache")], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]
+        assert lines[0].startswith("indexed 9 samples in 2 shards"), lines
+        url = lines[1].split(" at ")[1].split()[0]
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(url + "api/info", timeout=30) as res:
+            assert json.loads(res.read())["samples"] == 9
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    bad = subprocess.run([sys.executable, "-m", "manifests", "serve", str(tmp_path / "missing"), "--no-cache"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "not a dataset" in bad.stderr
