@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,6 @@ WEB_DIR = Path(__file__).with_name("web")
 STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
 PAGES = ("/", "/rejections", "/stats", "/run")  # each serves index.html; app.js renders by path
 PER_PAGE, MAX_PER_PAGE = 24, 200
-PART = re.compile(r"^(image|bg|layer-(\d{1,3}))\.png$")
 GRID = re.compile(r"^(?:step-(\d+)|reference)\.png$")
 THUMB_SIZE = 160
 THUMB_MAX_PIXELS = 50_000_000  # the decode stage's default bomb limit
@@ -70,21 +69,18 @@ class SampleLayers:
     background: np.ndarray
     layers: list[np.ndarray]
     meta: dict[str, Any]
-    stored_png: dict[str, bytes] = field(default_factory=dict)  # "image"/"bg" already stored as PNG
 
 
 def sample_layers(key: str, members: Mapping[str, bytes]) -> SampleLayers:
     """Decode a sample's members into RGBA layers and its json (raises ValueError on a bad sample).
 
     Format 1 stores each layer as an RGB ``fg.N`` plus a binary ``mask.N``: the mask becomes the
-    alpha channel; its image and background are stored as RGB PNGs, passed on as they are (no
-    re-encoding). This is the browser's only decoding call site, so a reader that returns RGBA
+    alpha channel. This is the browser's only decoding call site, so a reader that returns RGBA
     layers for every format version replaces its body alone.
     """
     s = LayerSample.from_members(key, members)
     layers = [np.dstack([fg, mask]) for fg, mask in zip(s.foregrounds, s.masks, strict=True)]
-    return SampleLayers(key, s.image, s.background, layers, s.meta,
-                        stored_png={"image": members["image.png"], "bg": members["bg.png"]})
+    return SampleLayers(key, s.image, s.background, layers, s.meta)
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -196,7 +192,7 @@ def parse_gallery_query(query: str, fields: set[str]) -> GalleryQuery:
 
 
 class PartCache:
-    """A byte-bounded LRU of encoded PNGs."""
+    """A byte-bounded LRU of encoded PNGs (the samples' sprites)."""
 
     def __init__(self, capacity: int = PART_CACHE_BYTES) -> None:
         self.capacity, self.size = capacity, 0
@@ -238,8 +234,10 @@ class Browser:
         self._refreshed = time.monotonic()
         self._refresh_lock = threading.Lock()
         self._thumbs: dict[tuple[int, int], dict[str, Any]] = {}
+        self._facts: tuple[list[IndexedSample], dict[int, int], list[str]] | None = None
         # Decodes a gallery page's samples as soon as the page is asked for, before the browser's
-        # image requests arrive (PIL releases the GIL while it decodes and compresses).
+        # image requests arrive, then the next page's (PIL releases the GIL while it decodes and
+        # compresses).
         self._warmer = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="warm")
 
     # dataset state
@@ -291,15 +289,24 @@ class Browser:
                     identities.setdefault(value, {"value": value, "stage": stage, "backend": ident.get("backend"),
                                                   "version": ident.get("version"), "model": ident.get("model"),
                                                   "shards": 0})["shards"] += 1
-        counts: dict[int, int] = {}
-        for s in self.index.samples:
-            counts[s.layers] = counts.get(s.layers, 0) + 1
+        counts, fields = self._sample_facts()
         return {
             "out": str(self.out), "name": self.out.resolve().name, "samples": len(self.index.samples),
-            "shards": sorted(self.index.shards), "layer_counts": dict(sorted(counts.items())),
-            "fields": self.index.numeric_fields(), "stages": sorted(identities.values(), key=lambda d: d["value"]),
+            "shards": sorted(self.index.shards), "layer_counts": counts, "fields": fields,
+            "stages": sorted(identities.values(), key=lambda d: d["value"]),
             "run": self.run.name if self.run is not None else None,
         }
+
+    def _sample_facts(self) -> tuple[dict[int, int], list[str]]:
+        """Samples per layer count and the numeric fields, computed once per version of the index."""
+        samples = self.index.samples
+        cached = self._facts
+        if cached is None or cached[0] is not samples:
+            counts: dict[int, int] = {}
+            for s in samples:
+                counts[s.layers] = counts.get(s.layers, 0) + 1
+            cached = self._facts = (samples, dict(sorted(counts.items())), self.index.numeric_fields())
+        return cached[1], cached[2]
 
     def select(self, q: GalleryQuery) -> list[IndexedSample]:
         """The samples matching ``q``, in its order."""
@@ -349,7 +356,6 @@ class Browser:
         layers = [layer for layer in meta.get("layers", []) if isinstance(layer, dict)] \
             if isinstance(meta.get("layers"), list) else []
         version = self.index.shards[s.shard]["tar"]["mtime_ns"]
-        base = f"/img/{s.key}"
         bg = meta.get("background") if isinstance(meta.get("background"), dict) else {}
         source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
         return {
@@ -358,59 +364,58 @@ class Browser:
             "source": source.get("uri"), "quality": meta.get("quality", {}),
             "layers": [{k: layer.get(k) for k in ("index", "phrase", "caption", "box", "score", "area")}
                        for layer in layers],
-            "images": {"image": f"{base}/image.png?v={version}", "bg": f"{base}/bg.png?v={version}",
-                       "layers": [f"{base}/layer-{n}.png?v={version}" for n in range(len(layers))]},
+            "sprite": f"/sprite/{s.key}.png?v={version}",
+            "parts": ["image", "bg", *(f"layer-{n}" for n in range(len(layers)))],
         }
 
     def gallery(self, query: str) -> dict[str, Any]:
         self.refresh()
-        q = parse_gallery_query(query, set(self.index.numeric_fields()))
+        q = parse_gallery_query(query, set(self._sample_facts()[1]))
         chosen = self.select(q)
         pages = max(1, math.ceil(len(chosen) / q.per_page))
         start = (q.page - 1) * q.per_page
         page = chosen[start:start + q.per_page]
-        for s in page:
+        # This page's samples first, then the next page's: "next" is the usual click.
+        for s in page + chosen[start + q.per_page:start + 2 * q.per_page]:
             self._warmer.submit(self._warm, s.key)
         return {"total": len(chosen), "dataset_samples": len(self.index.samples), "page": q.page,
                 "per_page": q.per_page, "pages": pages, "samples": [self.sample_doc(s) for s in page]}
 
     def _warm(self, key: str) -> None:
         try:
-            self.part(key, "image.png")  # decodes the sample and caches every part of it
+            self.sprite(key)
         except HttpError:
             pass  # the browser's own request reports it
 
-    def part(self, key: str, part: str) -> bytes:
-        """The PNG of one part of a sample: ``image``, ``bg`` or ``layer-N`` (RGBA)."""
+    def sprite(self, key: str) -> bytes:
+        """A sample's images as one RGBA PNG strip: image, background, layer 0..K-1 side by side.
+
+        A gallery card makes one request instead of 2 + K: per request, Chromium spends more CPU
+        than on decoding the pixels (BENCHMARKS.md)."""
         s = self.index.by_key.get(key) if KEY_PATTERN.match(key) else None
-        match = PART.match(part)
-        if s is None or match is None:
-            raise HttpError(404, "no such image")
+        if s is None:
+            raise HttpError(404, "no such sample")
         version = self.index.shards[s.shard]["tar"]["mtime_ns"]
-        name = part[:-4]
-        cached = self.parts.get((key, version, name))
+        cached = self.parts.get((key, version))
         if cached is not None:
             return cached
-        # One decode per sample fills the cache with all its parts (a card asks for all of them).
         with self._decode_locks[hash(key) % len(self._decode_locks)]:
-            cached = self.parts.get((key, version, name))
+            cached = self.parts.get((key, version))
             if cached is not None:
                 return cached
             try:
-                decoded = sample_layers(key, self.index.read_members(s))
+                d = sample_layers(key, self.index.read_members(s))
+                opaque = np.full((*d.image.shape[:2], 1), 255, np.uint8)
+                strip = np.concatenate([np.concatenate([d.image, opaque], axis=2),
+                                        np.concatenate([d.background, opaque], axis=2), *d.layers], axis=1)
             except LookupError:
                 self.index.refresh()
                 raise HttpError(404, f"{key}: its shard changed; reload the page") from None
             except (OSError, ValueError, KeyError) as err:
                 raise HttpError(404, f"{key} is not decodable: {err}") from None
-            encoded = {"image": decoded.stored_png.get("image") or png_bytes(decoded.image),
-                       "bg": decoded.stored_png.get("bg") or png_bytes(decoded.background)}
-            encoded.update({f"layer-{n}": png_bytes(layer) for n, layer in enumerate(decoded.layers)})
-            for n, data in encoded.items():
-                self.parts.put((key, version, n), data)
-        if name not in encoded:
-            raise HttpError(404, f"{key} has no {name}")
-        return encoded[name]
+            data = png_bytes(strip)
+            self.parts.put((key, version), data)
+        return data
 
     def rejections(self) -> dict[str, Any]:
         """Every rejection of every manifest, grouped by stage and normalised reason (largest first)."""
@@ -535,11 +540,22 @@ def source_thumbnail(uri: str, config: Mapping[str, Any]) -> dict[str, Any]:
 # -- HTTP ------------------------------------------------------------------------------------------
 
 
+def page_html() -> bytes:
+    """index.html with its static files linked by version (their mtimes)."""
+    html = (WEB_DIR / "index.html").read_text(encoding="utf-8")
+    for name in STATIC:
+        html = html.replace(f"/static/{name}\"", f"/static/{name}?v={(WEB_DIR / name).stat().st_mtime_ns}\"")
+    return html.encode("utf-8")
+
+
 class Handler(BaseHTTPRequestHandler):
     """Routes GET requests to the :class:`Browser` of the server; everything else is an error."""
 
     server: BrowserServer
     protocol_version = "HTTP/1.1"
+    # Headers and body go out as two writes on a kept-alive connection: without TCP_NODELAY, Nagle's
+    # algorithm holds the body until the client's delayed ACK (~40 ms per image).
+    disable_nagle_algorithm = True
     server_version = "layerdiff-browse"
     error_content_type = "application/json"
     error_message_format = '{"error": "%(message)s", "status": %(code)d}'
@@ -585,9 +601,10 @@ class Handler(BaseHTTPRequestHandler):
         if raw in PAGES:
             if split.query and raw != "/":
                 raise HttpError(400, "this page takes no query")
-            self._send(200, (WEB_DIR / "index.html").read_bytes(), "text/html; charset=utf-8")
+            self._send(200, page_html(), "text/html; charset=utf-8")
         elif len(parts) == 2 and parts[0] == "static" and parts[1] in STATIC:
-            self._send(200, (WEB_DIR / parts[1]).read_bytes(), STATIC[parts[1]])
+            # The page links them with ?v=<their mtime>, so a browser may keep them.
+            self._send(200, (WEB_DIR / parts[1]).read_bytes(), STATIC[parts[1]], cache=bool(split.query))
         elif raw == "/api/info":
             self._json(b.info())
         elif raw == "/api/samples":
@@ -600,8 +617,8 @@ class Handler(BaseHTTPRequestHandler):
             self._json(b.stats())
         elif raw == "/api/run":
             self._json(b.run_doc())
-        elif len(parts) == 3 and parts[0] == "img":
-            self._send(200, b.part(parts[1], parts[2]), "image/png", cache=True)
+        elif len(parts) == 2 and parts[0] == "sprite" and parts[1].endswith(".png"):
+            self._send(200, b.sprite(parts[1][:-4]), "image/png", cache=True)
         elif len(parts) == 3 and parts[0] == "runfile":
             self._send(200, b.run_file(parts[1], parts[2]), "image/png")
         else:

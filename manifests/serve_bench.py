@@ -6,9 +6,10 @@ layers, written through ``datagen.writer.write_shard``; reused when OUT already 
 
 * the shard index: built cold (every tar's headers and json members) and loaded from its cache;
 * ``/api/samples`` for gallery pages (plain, filtered, sorted);
-* a full gallery page in headless Chromium (the system package): from navigation to every image,
-  background and RGBA layer of the page decoded and every recomposition drawn, on pages not seen
-  before (the server's image cache cold for them).
+* a full gallery page (24 samples) in headless Chromium (the system package): from navigation to
+  every image, background and RGBA layer of the page loaded and every recomposition drawn, on
+  pages not seen before (the server's image cache emptied first) and on pages reached with
+  "next" (which the server prefetches while the previous page shows).
 
 Prints a Markdown table for BENCHMARKS.md. Chromium flags: :data:`CHROMIUM_ARGS`.
 """
@@ -19,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import statistics
 import tempfile
 import threading
@@ -116,12 +118,29 @@ def _stats(ms: list[float]) -> str:
     return f"{statistics.median(ms):.0f} | {p95:.0f} | {ms[-1]:.0f}"
 
 
-def browser_page_loads(url: str, pages: list[str], before_each: Any = None) -> list[float]:
-    """Milliseconds from navigation start to a gallery page fully drawn, per page URL query
-    (``before_each()`` runs before each navigation, e.g. to empty the server's image cache)."""
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process (the server's threads run here) and all its
+    descendants (Playwright's driver and every Chromium process)."""
+    import psutil
+
+    total = 0.0
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass  # exited meanwhile
+    return total
+
+
+def browser_page_loads(url: str, pages: list[str], before_each: Any = None) -> tuple[list[float], list[float]]:
+    """Per page URL query: milliseconds from navigation start to the gallery page fully drawn,
+    and the CPU milliseconds the server and Chromium spent on it (:func:`cpu_seconds`).
+    ``before_each()`` runs before each navigation, e.g. to empty the server's image cache."""
     from playwright.sync_api import sync_playwright
 
-    times = []
+    times, cpu = [], []
     with sync_playwright() as p:
         browser = launch_chromium(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -130,11 +149,13 @@ def browser_page_loads(url: str, pages: list[str], before_each: Any = None) -> l
         for query in pages:
             if before_each is not None:
                 before_each()
+            c0 = cpu_seconds()
             page.goto(url + query)
             page.wait_for_selector("#app[data-ready=gallery]", timeout=60_000)
             times.append(page.evaluate("performance.now()"))
+            cpu.append((cpu_seconds() - c0) * 1000)
         browser.close()
-    return times
+    return times, cpu
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as cache:
         t0 = time.perf_counter()
         open_index(args.out, Path(cache))
-        cold = time.perf_counter() - t0
+        built = time.perf_counter() - t0
         t0 = time.perf_counter()
         browser = Browser(args.out, cache_dir=Path(cache))
         warm = time.perf_counter() - t0
@@ -175,21 +196,28 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((f"`/api/samples` JSON, {name}", api))
     rows_browser = []
     try:
-        def cold() -> None:
+        def empty_image_cache() -> None:
             browser.parts = PartCache()  # every image of the page decoded and encoded anew
 
         for name, qs in queries.items():
-            rows_browser.append((f"Chromium, full {name} (24 samples: image, bg, RGBA layers, recomposition)",
-                                 browser_page_loads(url, qs, cold)))
+            wall, cpu = browser_page_loads(url, qs, empty_image_cache)
+            rows_browser.append((f"Chromium, {name}, not seen before (server image cache emptied): wall", wall))
+            rows_browser.append((f"Chromium, {name}, not seen before: CPU, server + Chromium", cpu))
+        start = 1 + pages // 2
+        wall, cpu = browser_page_loads(url, [f"?page={p}" for p in range(start, start + args.pages + 1)])
+        rows_browser.append(("Chromium, gallery page reached by 'next' (prefetched): wall", wall[1:]))
+        rows_browser.append(("Chromium, gallery page reached by 'next': CPU, server + Chromium", cpu[1:]))
     except FileNotFoundError as err:
         print(f"no browser figures: {err}")
     server.shutdown()
     print(f"\n| {len(browser.index.samples)} samples, {len(browser.index.shards)} shards, {args.size} px "
           f"| median ms | p95 ms | max ms |\n|---|---|---|---|")
-    print(f"| shard index, built cold (all tars) | {cold * 1000:.0f} | | |")
+    print(f"| shard index, built cold (all tars) | {built * 1000:.0f} | | |")
     print(f"| shard index, loaded from its cache | {warm * 1000:.0f} | | |")
     for name, ms in rows + rows_browser:
         print(f"| {name} | {_stats(ms)} |")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\nserver process peak RSS {rss:.0f} MiB (index, caches, this benchmark)")
 
 
 if __name__ == "__main__":

@@ -119,32 +119,47 @@ function pager(res, params) {
     res.page < res.pages ? link(res.page + 1, "next ›") : null);
 }
 
-function loaded(img) {
-  return img.complete && img.naturalWidth ? Promise.resolve() :
-    new Promise((resolve, reject) => { img.addEventListener("load", resolve, {once: true});
-      img.addEventListener("error", () => reject(new Error("image failed: " + img.src)), {once: true}); });
+// A card's images come in one request: a strip of image, background and RGBA layers side by side.
+function sprite(card) {
+  if (!card.spriteLoad) {
+    const img = new Image();
+    img.src = card.dataset.sprite;
+    card.spriteLoad = img.decode().then(() => img);
+  }
+  return card.spriteLoad;
+}
+
+function slice(img, card, part, canvas) {
+  const parts = Number(card.dataset.parts);
+  const w = img.naturalWidth / parts, hgt = img.naturalHeight;
+  if (canvas.width !== w || canvas.height !== hgt) Object.assign(canvas, {width: w, height: hgt});
+  canvas.getContext("2d", {willReadFrequently: true}).drawImage(img, part * w, 0, w, hgt, 0, 0, w, hgt);
 }
 
 // The live recomposition: background, then every switched-on RGBA layer, back (0) to front, with the
 // canvas's source-over blending, i.e. I = a * fg + (1 - a) * I (docs/FORMAT.md).
 async function recompose(card) {
+  const img = await sprite(card);
   const canvas = card.querySelector("canvas.recomp");
-  const bg = card.querySelector("img.bg");
-  const layers = [...card.querySelectorAll("img.layer")];
-  await Promise.all([bg, ...layers].map(loaded));
-  const ctx = canvas.getContext("2d", {willReadFrequently: true});
-  ctx.clearRect(0, 0, canvas.width, canvas.height);
-  ctx.drawImage(bg, 0, 0, canvas.width, canvas.height);
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  slice(img, card, 1, canvas);
   const on = [];
-  for (const img of layers) {
-    const n = img.dataset.layer;
-    if (card.querySelector(`input.layer-toggle[data-layer="${n}"]`).checked) {
-      ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
+  for (const box of card.querySelectorAll("input.layer-toggle")) {
+    if (box.checked) {
+      const n = Number(box.dataset.layer);
+      canvas.getContext("2d").drawImage(img, (2 + n) * canvas.width, 0, canvas.width, canvas.height,
+        0, 0, canvas.width, canvas.height);
       on.push(n);
     }
   }
   canvas.dataset.visible = on.join(",");
   canvas.dataset.ready = "1";
+}
+
+async function drawCard(card) {
+  const img = await sprite(card);
+  card.querySelectorAll("canvas.part").forEach((c) => slice(img, card, Number(c.dataset.part), c));
+  await recompose(card);
 }
 
 function boxesSvg(s) {
@@ -164,20 +179,20 @@ function card(s) {
   const q = s.quality || {};
   const psnr = typeof q.recon_psnr === "number" ? ` · PSNR ${q.recon_psnr.toFixed(2)} dB` : "";
   const size = {width: s.width, height: s.height};
-  const el = h("article", {class: "card", "data-key": s.key, "data-shard": s.shard, "data-layers": s.layers.length},
+  const el = h("article", {class: "card", "data-key": s.key, "data-shard": s.shard, "data-layers": s.layers.length,
+    "data-sprite": s.sprite, "data-parts": s.parts.length},
     h("h3", {}, s.key, h("span", {class: "muted"},
       ` · shard ${shardName(s.shard)} · ${s.layers.length} layer${s.layers.length === 1 ? "" : "s"}${psnr}`)),
     h("p", {class: "caption"}, s.caption),
     h("div", {class: "cells"},
-      h("div", {class: "cell"}, h("div", {class: "frame"}, h("img", {class: "image", src: s.images.image, alt: "image", ...size}),
+      h("div", {class: "cell"}, h("div", {class: "frame"}, h("canvas", {class: "part image", "data-part": 0, ...size}),
         boxesSvg(s)), h("div", {class: "label"}, "image, boxes")),
       h("div", {class: "cell"}, h("div", {class: "frame checker"}, h("canvas", {class: "recomp", ...size})),
         h("div", {class: "label"}, "recomposition (toggle layers)")),
-      h("div", {class: "cell"}, h("div", {class: "frame"}, h("img", {class: "bg", src: s.images.bg, alt: "background", ...size})),
+      h("div", {class: "cell"}, h("div", {class: "frame"}, h("canvas", {class: "part bg", "data-part": 1, ...size})),
         h("div", {class: "label", title: s.background_caption}, "background: " + s.background_caption)),
       s.layers.map((layer, n) => h("div", {class: "cell layer-cell", "data-layer": n},
-        h("div", {class: "frame checker"}, h("img", {class: "layer", "data-layer": n, src: s.images.layers[n],
-          alt: `layer ${n}`, ...size})),
+        h("div", {class: "frame checker"}, h("canvas", {class: "part layer", "data-part": 2 + n, "data-layer": n, ...size})),
         h("label", {class: "label", title: `${layer.caption || ""} (score ${fmt(layer.score)}, area ${fmt(layer.area)})`},
           h("input", {type: "checkbox", class: "layer-toggle", "data-layer": n, checked: true}),
           ` ${n}: ${layer.phrase || ""} — ${layer.caption || ""}`)))),
@@ -190,9 +205,9 @@ function card(s) {
   return el;
 }
 
-async function gallery(info) {
+async function gallery(infoPromise) {
   const params = new URLSearchParams(location.search);
-  const res = await api("/api/samples" + location.search);
+  const [info, res] = await Promise.all([infoPromise, api("/api/samples" + location.search)]);
   params.delete("page");
   const cards = res.samples.map(card);
   render(filterForm(info, params),
@@ -200,7 +215,7 @@ async function gallery(info) {
       h("strong", {id: "match-count", "data-total": res.total}, `${res.total} of ${res.dataset_samples} samples`),
       pager(res, params)),
     h("section", {class: "cards", id: "cards"}, cards));
-  await Promise.all(cards.map(recompose));
+  await Promise.all(cards.map(drawCard));
   app.dataset.ready = "gallery";
 }
 
@@ -383,10 +398,12 @@ async function main() {
   const [name, view] = views[location.pathname] || views["/"];
   document.querySelectorAll("header nav a").forEach((a) => a.classList.toggle("active", a.dataset.view === name));
   try {
-    const info = await api("/api/info");
+    const infoPromise = api("/api/info");
+    const viewDone = view(infoPromise);  // the view's own requests go out alongside /api/info
+    const info = await infoPromise;
     document.getElementById("dataset-name").textContent = `${info.name} · ${info.samples} samples`;
     document.getElementById("nav-run").hidden = !info.run;
-    await view(info);
+    await viewDone;
   } catch (err) {
     showError(err);
     app.dataset.ready = "error";

@@ -143,7 +143,7 @@ def test_gallery_filters_sort_and_paginate(server, browse_dataset):
     samples = browse_dataset.samples
     doc = get_json(server, "/api/samples")
     assert doc["total"] == 9 and _keys(doc) == [s.key for s in samples]
-    assert doc["samples"][2]["images"]["layers"][2].startswith("/img/s0002/layer-2.png")
+    assert doc["samples"][2]["sprite"].startswith("/sprite/s0002.png?v=") and len(doc["samples"][2]["parts"]) == 5
 
     assert _keys(get_json(server, "/api/samples?layers=2")) == [s.key for s in samples if s.num_layers == 2]
     assert _keys(get_json(server, "/api/samples?layers=1,3&shard=0")) == \
@@ -167,20 +167,23 @@ def test_gallery_filters_sort_and_paginate(server, browse_dataset):
     assert sum((_keys(d) for d in pages), []) == [s.key for s in samples]
 
 
-def test_images_are_the_samples_pixels(server, browse_dataset):
+def test_sprite_holds_the_image_background_and_rgba_layers(server, browse_dataset):
     import io
 
     sample = browse_dataset.samples[4]  # 2 layers, noisy
-    urls = get_json(server, "/api/samples?q=&per_page=200")["samples"][4]["images"]
-    status, body = get(server, urls["image"])
+    doc = get_json(server, "/api/samples?per_page=200")["samples"][4]
+    assert doc["key"] == sample.key and doc["parts"] == ["image", "bg", "layer-0", "layer-1"]
+    status, body = get(server, doc["sprite"])
     assert status == 200
-    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(body))), sample.image)
-    for n, url in enumerate(urls["layers"]):
-        status, body = get(server, url)
-        layer = np.asarray(Image.open(io.BytesIO(body)))
-        assert layer.shape[2] == 4
-        np.testing.assert_array_equal(layer[..., 3], sample.masks[n])
-        np.testing.assert_array_equal(layer[..., :3], sample.foregrounds[n])
+    strip = np.asarray(Image.open(io.BytesIO(body)))
+    assert strip.shape == (64, 4 * 64, 4)
+    image, bg, *layers = np.split(strip, 4, axis=1)
+    np.testing.assert_array_equal(image[..., :3], sample.image)
+    np.testing.assert_array_equal(bg[..., :3], sample.background)
+    assert (image[..., 3] == 255).all() and (bg[..., 3] == 255).all()
+    for layer, fg, mask in zip(layers, sample.foregrounds, sample.masks, strict=True):
+        np.testing.assert_array_equal(layer[..., 3], mask)
+        np.testing.assert_array_equal(layer[..., :3], fg)
 
 
 def test_rejections_list_every_manifest_rejection(server, browse_dataset):
@@ -216,9 +219,9 @@ def test_stats_match_the_summary(server, browse_dataset):
 
 TRAVERSAL = [
     "/../../etc/passwd", "/static/../serve.py", "/static/..%2Fserve.py", "/static/%2e%2e/%2e%2e/etc/passwd",
-    "/static/index.html", "/static/app.js/", "/img/..%2F..%2Fetc%2Fpasswd/image.png",
-    "/img/s0000/../../../etc/passwd", "/img/s0000/..%2F..%2Fmanifest.json", "/img/s0000/layer-7.png",
-    "/img/s0000/mask.0.png", "/img/nope/image.png", "/img/s0000%00/image.png", "//etc/passwd",
+    "/static/index.html", "/static/app.js/", "/sprite/..%2F..%2Fetc%2Fpasswd.png", "/sprite/../etc/passwd",
+    "/sprite/s0000/../../../etc/passwd", "/sprite/..%2F..%2Fmanifest.json", "/sprite/s0000", "/sprite/s0000.tar",
+    "/sprite/s0000.mask.0.png", "/sprite/nope.png", "/sprite/s0000%00.png", "/sprite/s0000.png/x", "//etc/passwd",
     "/shards/000000.tar", "/manifest.json", "/manifests/000000.json", "/api/rejected/0/99",
     "/api/rejected/-1/0", "/api/rejected/0/..%2F1", "/runfile/samples/..%2F..%2Fmanifest.json",
     "/runfile/samples/step-1.png", "/api/run", "/%5c..%5c..%5cetc%5cpasswd",
@@ -308,7 +311,7 @@ def test_browser_gallery_filter_and_toggle(page, browse_dataset):
     pg.wait_for_selector("#app[data-ready=gallery]")
     assert pg.locator(".card").count() == 9
     assert pg.get_attribute("#match-count", "data-total") == "9"
-    assert pg.locator(".card[data-key=s0002] img.layer").count() == 3
+    assert pg.locator(".card[data-key=s0002] canvas.layer").count() == 3
     pg.screenshot(path=str(SHOTS / "gallery.png"), full_page=True)
 
     # The filter form: 2-layer samples whose caption says zebra.
