@@ -17,7 +17,6 @@ import base64
 import io
 import json
 import math
-import os
 import re
 import threading
 import time
@@ -238,7 +237,8 @@ class Browser:
         # Decodes a gallery page's samples as soon as the page is asked for, before the browser's
         # image requests arrive, then the next page's (PIL releases the GIL while it decodes and
         # compresses).
-        self._warmer = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="warm")
+        # One worker: the request threads decode what the browser asks for first in parallel with it.
+        self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm")
 
     # dataset state
     def refresh(self, min_interval: float = 1.0) -> None:

@@ -3,6 +3,7 @@
 "use strict";
 
 const SVG_NS = "http://www.w3.org/2000/svg";
+const LAZY_MARGIN = 300;  // px below the screen that are drawn before they are scrolled to
 const BOX_COLOURS = ["#ff5a5a", "#4fc3f7", "#ffd54f", "#81c784", "#ba68c8", "#ff8a65", "#4db6ac", "#f06292"];
 
 // h("div", {class: "x"}, child, "text", ...): a DOM element; text is never parsed as HTML.
@@ -208,6 +209,7 @@ function card(s) {
 async function gallery(infoPromise) {
   const params = new URLSearchParams(location.search);
   const [info, res] = await Promise.all([infoPromise, api("/api/samples" + location.search)]);
+  performance.mark("gallery-data");
   params.delete("page");
   const cards = res.samples.map(card);
   render(filterForm(info, params),
@@ -215,7 +217,21 @@ async function gallery(infoPromise) {
       h("strong", {id: "match-count", "data-total": res.total}, `${res.total} of ${res.dataset_samples} samples`),
       pager(res, params)),
     h("section", {class: "cards", id: "cards"}, cards));
-  await Promise.all(cards.map(drawCard));
+  performance.mark("gallery-dom");
+  // Cards on (or just below) the screen are drawn now; the others when they scroll into view (the
+  // server has already started decoding them).
+  const near = (c) => c.getBoundingClientRect().top < window.innerHeight + LAZY_MARGIN;
+  const lazy = new IntersectionObserver((entries) => {
+    for (const e of entries) {
+      if (e.isIntersecting) {
+        lazy.unobserve(e.target);
+        drawCard(e.target).catch(showError);
+      }
+    }
+  }, {rootMargin: `${LAZY_MARGIN}px 0px`});
+  cards.filter((c) => !near(c)).forEach((c) => lazy.observe(c));
+  await Promise.all(cards.filter(near).map(drawCard));
+  performance.mark("gallery-drawn");
   app.dataset.ready = "gallery";
 }
 

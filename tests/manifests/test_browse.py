@@ -298,6 +298,15 @@ def page(server):
     assert errors == []
 
 
+def draw_all(pg) -> None:
+    """Scroll through the gallery so that every card is drawn (cards draw as they come into view)."""
+    height = pg.evaluate("document.body.scrollHeight")
+    for y in range(0, height + 500, 500):
+        pg.evaluate(f"window.scrollTo(0, {y})")
+    pg.wait_for_function("[...document.querySelectorAll('canvas.recomp')].every(c => c.dataset.ready === '1')")
+    pg.evaluate("window.scrollTo(0, 0)")
+
+
 def _canvas(pg, key: str) -> np.ndarray:
     data = pg.evaluate("""key => { const c = document.querySelector(`.card[data-key="${key}"] canvas.recomp`);
         return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data); }""", key)
@@ -312,6 +321,11 @@ def test_browser_gallery_filter_and_toggle(page, browse_dataset):
     assert pg.locator(".card").count() == 9
     assert pg.get_attribute("#match-count", "data-total") == "9"
     assert pg.locator(".card[data-key=s0002] canvas.layer").count() == 3
+    drawn = pg.locator("canvas.recomp[data-ready='1']").count()
+    assert 1 <= drawn < 9  # the first screen only: the rest draws as it scrolls into view
+    draw_all(pg)
+    last = _canvas(pg, samples[-1].key)
+    np.testing.assert_array_equal(last[..., :3], samples[-1].recompose())
     pg.screenshot(path=str(SHOTS / "gallery.png"), full_page=True)
 
     # The filter form: 2-layer samples whose caption says zebra.
