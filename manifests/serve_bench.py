@@ -203,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
             wall, cpu = browser_page_loads(url, qs, empty_image_cache, height)  # a new browser: its cache empty
             rows.append((f"Chromium, {name}, page not seen before: wall", wall))
             rows.append((f"Chromium, {name}, page not seen before: CPU (server + Chromium)", cpu))
+        wall, cpu = browser_page_loads(url, [f"?per_page=1&page={p}" for p in range(1, args.pages + 1)])
+        rows.append(("Chromium, floor: a 1-sample page (navigation, page script, two API calls): wall", wall))
         start = 1 + pages // 2
         wall, cpu = browser_page_loads(url, [f"?page={p}" for p in range(start, start + args.pages + 1)])
         rows.append(("Chromium, first screen of a page reached by 'next' (prefetched): wall", wall[1:]))
