@@ -103,7 +103,7 @@ function filterForm(info, params) {
     if (data.get("sort") !== "position") out.set("sort", data.get("sort"));
     if (data.get("order") === "desc") out.set("order", "desc");
     if (data.get("per_page") !== "24") out.set("per_page", data.get("per_page"));
-    location.assign("/" + (out.toString() ? "?" + out.toString() : ""));
+    goGallery("/" + (out.toString() ? "?" + out.toString() : ""));
   });
   return form;
 }
@@ -112,7 +112,12 @@ function pager(res, params) {
   const link = (page, label) => {
     const p = new URLSearchParams(params);
     p.set("page", page);
-    return h("a", {href: "/?" + p.toString(), class: "page-link", "data-page": page}, label);
+    const href = "/?" + p.toString();
+    return h("a", {href, class: "page-link", "data-page": page, onclick: (ev) => {
+      if (ev.button !== 0 || ev.ctrlKey || ev.metaKey || ev.shiftKey) return;  // new tab: a real link
+      ev.preventDefault();
+      goGallery(href);
+    }}, label);
   };
   return h("span", {class: "pager"},
     res.page > 1 ? link(res.page - 1, "‹ prev") : null,
@@ -206,10 +211,25 @@ function card(s) {
   return el;
 }
 
+// Pages and filters change the gallery in place (no new document): the URL still says where you are.
+let galleryInfo = null;
+
+function goGallery(href) {
+  app.dataset.ready = "loading";
+  history.pushState(null, "", href);
+  window.scrollTo(0, 0);
+  gallery(galleryInfo).catch(showError);
+}
+
+window.addEventListener("popstate", () => {
+  if (location.pathname === "/" && galleryInfo) gallery(galleryInfo).catch(showError);
+});
+
 async function gallery(infoPromise) {
+  galleryInfo = infoPromise;
+  app.dataset.ready = "loading";
   const params = new URLSearchParams(location.search);
   const [info, res] = await Promise.all([infoPromise, api("/api/samples" + location.search)]);
-  performance.mark("gallery-data");
   params.delete("page");
   const cards = res.samples.map(card);
   render(filterForm(info, params),
@@ -217,7 +237,6 @@ async function gallery(infoPromise) {
       h("strong", {id: "match-count", "data-total": res.total}, `${res.total} of ${res.dataset_samples} samples`),
       pager(res, params)),
     h("section", {class: "cards", id: "cards"}, cards));
-  performance.mark("gallery-dom");
   // Cards on (or just below) the screen are drawn now; the others when they scroll into view (the
   // server has already started decoding them).
   const near = (c) => c.getBoundingClientRect().top < window.innerHeight + LAZY_MARGIN;
@@ -231,7 +250,6 @@ async function gallery(infoPromise) {
   }, {rootMargin: `${LAZY_MARGIN}px 0px`});
   cards.filter((c) => !near(c)).forEach((c) => lazy.observe(c));
   await Promise.all(cards.filter(near).map(drawCard));
-  performance.mark("gallery-drawn");
   app.dataset.ready = "gallery";
 }
 

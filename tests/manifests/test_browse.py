@@ -328,6 +328,21 @@ def test_browser_gallery_filter_and_toggle(page, browse_dataset):
     np.testing.assert_array_equal(last[..., :3], samples[-1].recompose())
     pg.screenshot(path=str(SHOTS / "gallery.png"), full_page=True)
 
+    # Pages change in place; the URL follows, and the back button returns.
+    keys = "cards => cards.map(c => c.dataset.key)"
+    pg.goto(pg.base + "/?per_page=4")
+    pg.wait_for_selector("#app[data-ready=gallery]")
+    pg.click("a.page-link:has-text('next')")
+    pg.wait_for_url("**/?per_page=4&page=2")
+    pg.wait_for_selector("#app[data-ready=gallery]")
+    assert pg.locator(".card").evaluate_all(keys) == [s.key for s in samples[4:8]]
+    assert pg.inner_text("#page-of") == "page 2 of 3"
+    pg.go_back()
+    pg.wait_for_url("**/?per_page=4")
+    pg.wait_for_function("document.querySelector('#page-of').textContent === 'page 1 of 3'")
+    pg.wait_for_selector("#app[data-ready=gallery]")
+    assert pg.locator(".card").evaluate_all(keys) == [s.key for s in samples[:4]]
+
     # The filter form: 2-layer samples whose caption says zebra.
     pg.check("#filters input[name=layer][value='2']")
     pg.fill("#filters input[name=q]", "zebra")
