@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -41,6 +41,7 @@ WEB_DIR = Path(__file__).with_name("web")
 STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
 PAGES = ("/", "/rejections", "/stats", "/run")  # each serves index.html; app.js renders by path
 PER_PAGE, MAX_PER_PAGE = 24, 200
+FIRST_SCREEN = 6  # cards a browser window shows before scrolling (more than it needs on a laptop)
 GRID = re.compile(r"^(?:step-(\d+)|reference)\.png$")
 THUMB_SIZE = 160
 THUMB_MAX_PIXELS = 50_000_000  # the decode stage's default bomb limit
@@ -239,6 +240,7 @@ class Browser:
         # compresses).
         # One worker: the request threads decode what the browser asks for first in parallel with it.
         self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm")
+        self._pending: list[Future[None]] = []
 
     # dataset state
     def refresh(self, min_interval: float = 1.0) -> None:
@@ -375,9 +377,12 @@ class Browser:
         pages = max(1, math.ceil(len(chosen) / q.per_page))
         start = (q.page - 1) * q.per_page
         page = chosen[start:start + q.per_page]
-        # This page's samples first, then the next page's: "next" is the usual click.
-        for s in page + chosen[start + q.per_page:start + 2 * q.per_page]:
-            self._warmer.submit(self._warm, s.key)
+        # What shows first on this page and on the next ("next" is the usual click), then the rest.
+        following = chosen[start + q.per_page:start + 2 * q.per_page]
+        for future in self._pending:
+            future.cancel()  # the pages asked for before this one: no longer worth decoding
+        self._pending = [self._warmer.submit(self._warm, s.key) for s in
+                         page[:FIRST_SCREEN] + following[:FIRST_SCREEN] + page[FIRST_SCREEN:] + following[FIRST_SCREEN:]]
         return {"total": len(chosen), "dataset_samples": len(self.index.samples), "page": q.page,
                 "per_page": q.per_page, "pages": pages, "samples": [self.sample_doc(s) for s in page]}
 

@@ -173,7 +173,7 @@ def next_page_loads(url: str, first: str, clicks: int) -> tuple[list[float], lis
         page.goto(url + first)
         page.wait_for_selector("#app[data-ready=gallery]")
         for _ in range(clicks):
-            time.sleep(0.5)  # a person looks at the page for a moment (the server prefetches the next)
+            time.sleep(1.0)  # a person looks at the page for a moment (the server prefetches the next)
             c0, t0 = cpu_seconds(), time.perf_counter()
             page.click("a.page-link:has-text('next')")
             page.wait_for_selector("#app[data-ready=gallery]", timeout=60_000)
