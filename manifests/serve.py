@@ -32,7 +32,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import numpy as np
 from PIL import Image
 
-from datagen.format import KEY_PATTERN, LayerSample
+from datagen.format import KEY_PATTERN, read_sample
 from manifests.layout import index_path, read_json, scan_dataset
 from manifests.shardindex import IndexedSample, ShardIndex, open_index
 from manifests.summary import normalize_reason, summarize
@@ -72,15 +72,10 @@ class SampleLayers:
 
 
 def sample_layers(key: str, members: Mapping[str, bytes]) -> SampleLayers:
-    """Decode a sample's members into RGBA layers and its json (raises ValueError on a bad sample).
-
-    Format 1 stores each layer as an RGB ``fg.N`` plus a binary ``mask.N``: the mask becomes the
-    alpha channel. This is the browser's only decoding call site, so a reader that returns RGBA
-    layers for every format version replaces its body alone.
-    """
-    s = LayerSample.from_members(key, members)
-    layers = [np.dstack([fg, mask]) for fg, mask in zip(s.foregrounds, s.masks, strict=True)]
-    return SampleLayers(key, s.image, s.background, layers, s.meta)
+    """Decode a sample's members (format 1 or 2) into RGBA layers and its json, through the
+    format's one reader (raises ValueError on a bad sample)."""
+    s = read_sample(members, key=key)
+    return SampleLayers(key, s.image, s.background, list(s.rgba()), s.meta)
 
 
 def png_bytes(array: np.ndarray) -> bytes:
