@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from datagen.item import Detection, Item
+from datagen.item import EXACT, MATTE, ROUGH, Detection, Item
 from datagen.phrases import (
     COLOUR_FIT_MAX,
     background_phrase,
@@ -52,7 +52,6 @@ from datagen.stages.base import Segmenter, SoftAlphaParams, Stage
 # colour-model region (the segment and inpaint stages trust it); a "rough" one is the photo
 # fallback's region (GrabCut does the work, inpainting grows it more); a "matte" one is a matting
 # model's soft alpha (datagen.stages.matting), final as it is.
-EXACT, ROUGH, MATTE = "exact", "rough", "matte"
 
 
 # RGB -> (Y, Cb, Cr) without offsets (BT.601, as JPEG).

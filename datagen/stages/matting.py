@@ -32,11 +32,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from datagen.item import Detection, Item
+from datagen.item import MATTE, Detection, Item
 from datagen.phrases import PALETTE, colour_of, nearest_colour, phrase_leads, with_article
 from datagen.registry import register
 from datagen.stages.base import StageContext, file_sha256
-from datagen.stages.classical import MATTE, ContrastGround, ContrastParams, _box
+from datagen.stages.classical import ContrastGround, ContrastParams, _box
 
 # Head nouns of settings, not objects: a region is never named after one.
 SETTING_NOUNS = frozenset("""

@@ -17,10 +17,9 @@ import pytest
 
 from datagen import isnet_weights
 from datagen.config import ConfigError, load_config, parse_config
-from datagen.item import Detection, Item
+from datagen.item import MATTE, Detection, Item
 from datagen.registry import get_backend
 from datagen.stages.base import StageContext
-from datagen.stages.classical import MATTE
 from datagen.stages.matting import MatteGround, MatteModel, MatteParams, name_regions
 from datagen.stages.models.sam import matte_within
 from tests.datagen.tiny_onnx import write_bright_model

@@ -22,10 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from datagen.item import Item
+from datagen.item import MATTE, Item
 from datagen.registry import register
 from datagen.stages.base import Segmenter, SoftAlphaParams, file_sha256
-from datagen.stages.classical import MATTE
 
 # model_type -> the official release file (the tiny one is made by datagen.tiny_weights.sam)
 CHECKPOINT_FILES = {
