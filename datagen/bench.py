@@ -10,6 +10,9 @@ and gzip): per-item read cost must not grow with the tar.
 ``python -m datagen.bench scale --items N`` (``make bench-scale``): N items from img2dataset-layout
 tars through the real runner on Ray Data: items/s over time, driver and actor memory over time,
 per-stage utilisation, and how to size the pools of a cluster from those figures.
+
+``python -m datagen.bench photos --photos N``: the photo path alone: real photos through Ray Data
+with the pipeline's ground (``matte``: the matting model) and with the classical ``contrast`` grounder.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import io
 import json
 import math
 import os
+import shutil
 import statistics
 import tarfile
 import tempfile
@@ -51,6 +55,41 @@ def _timed(stream: Iterator[Item]) -> tuple[int, float, float, float]:
     stamps = [time.perf_counter() for _ in stream]
     wall = stamps[-1] - t0
     return len(stamps), wall, len(stamps) / wall, stamps[0] - t0
+
+
+def bench_photo_path(pipeline: str, n: int) -> list[tuple[str, int, float, float, int]]:
+    """``n`` real photos (bundled and unseen, repeated) through Ray Data, 1 actor per stage: the
+    pipeline as configured (its ground, ``matte``) and with the classical ``contrast`` ground."""
+    from datagen.photobench import photo_sets
+    from datagen.registry import get_backend
+
+    sets = photo_sets()
+    photos = list(sets["bundled"].values()) + list(sets["unseen"].values())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for i in range(n):
+            path, caption = photos[i % len(photos)]
+            shutil.copy(path, folder / f"{i:04d}{path.suffix}")
+            (folder / f"{i:04d}.txt").write_text(caption)
+        cfg = load_config(pipeline, {"source_kind": "folder", "source_path": str(folder)})
+        init_ray(cfg)
+        classical = copy.deepcopy(cfg)
+        classical.stages["ground"].backend = "contrast"
+        classical.stages["ground"].params = get_backend("ground", "contrast").Params()
+        for label, c in ((f"photos, ground {cfg.stages['ground'].backend}", cfg),
+                         ("photos, ground contrast (classical)", classical)):
+            accepted: list[bool] = []
+            items = _items(c, n)
+
+            def stream(cfg_=c, items_=items, acc=accepted):
+                for item in run_ray(cfg_, items_):
+                    acc.append(item.ok)
+                    yield item
+
+            count, _, rate, first = _timed(stream())
+            rows.append((label, count, rate, first, sum(accepted)))
+    return rows
 
 
 def bench_engines(pipeline: str, n: int) -> list[tuple[str, int, float, float, float]]:
@@ -300,15 +339,23 @@ def bench_tar_read(small: int = 200, large: int = 8000, samples_per_shard: int =
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="pipeline", choices=("pipeline", "scale", "tar-read"))
+    parser.add_argument("command", nargs="?", default="pipeline", choices=("pipeline", "scale", "tar-read", "photos"))
     parser.add_argument("--pipeline", default="pipelines/default.yaml")
     parser.add_argument("-n", type=int, default=500, help="pipeline: items per engine run")
     parser.add_argument("--items", type=int, default=10_000, help="scale: items")
     parser.add_argument("--per-tar", type=int, default=1000, help="scale: items per source tar")
     parser.add_argument("--samples-per-shard", type=int, default=100)
     parser.add_argument("--raw", type=Path, help="scale: keep the source tars here (default: a temp dir)")
+    parser.add_argument("--photos", type=int, default=24, help="photos: real photos per run")
     parser.add_argument("--every", type=float, default=5.0, help="scale: seconds between samples")
     args = parser.parse_args()
+    if args.command == "photos":
+        photo_rows = bench_photo_path(args.pipeline, args.photos)
+        print(f"\n| photo path ({args.photos} real photos, Ray Data, 1 actor/stage) | items | accepted | images/s "
+              "(start-up included) | s to first result |\n|---|---|---|---|---|")
+        for name, count, rate, first, ok in photo_rows:
+            print(f"| {name} | {count} | {ok} | {rate:.2f} | {first:.1f} |")
+        return
     if args.command == "tar-read":
         rows = bench_tar_read(pipeline=args.pipeline)
         base = {kind: t for name, t in rows[:2] for kind in [name.split(" ", 1)[1]]}

@@ -24,13 +24,14 @@ from datagen.stages.base import StageContext, params_from_dict
 SOURCE_KINDS = ("demo", "folder", "tars", "synthetic-gt")
 
 DEFAULT_STAGES: dict[str, dict[str, Any]] = {
-    # CPU shares sum to < 2 so the whole stream fits a 2-core laptop without oversubscription.
+    # CPU shares sum to < 2 so the whole stream fits a 2-core laptop without oversubscription;
+    # the matting model (ground, photos) is the one heavy step: it gets the largest share.
     "decode": {"backend": "pil", "num_cpus": 0.2, "batch_size": 8},
-    "caption": {"backend": "sidecar", "num_cpus": 0.2, "batch_size": 8},
-    "ground": {"backend": "contrast", "num_cpus": 0.4, "batch_size": 4},
-    "segment": {"backend": "grabcut", "num_cpus": 0.4, "batch_size": 4},
-    "inpaint": {"backend": "opencv", "num_cpus": 0.4, "batch_size": 4},
-    "assemble": {"backend": "layers", "num_cpus": 0.2, "batch_size": 8},
+    "caption": {"backend": "sidecar", "num_cpus": 0.1, "batch_size": 8},
+    "ground": {"backend": "matte", "num_cpus": 1.1, "batch_size": 4},
+    "segment": {"backend": "grabcut", "num_cpus": 0.2, "batch_size": 4},
+    "inpaint": {"backend": "opencv", "num_cpus": 0.2, "batch_size": 4},
+    "assemble": {"backend": "layers", "num_cpus": 0.1, "batch_size": 8},
 }
 
 # Keys that say where and how big a run is, not what a sample is: excluded from config_sha256

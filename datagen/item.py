@@ -9,6 +9,10 @@ from typing import Any
 
 import numpy as np
 
+# What a detection's candidate mask is (``Detection.extra["candidate"]``): an exact colour region, a rough
+# region for the segmenter to refine, or a matting model's soft alpha (kept as it is).
+EXACT, ROUGH, MATTE = "exact", "rough", "matte"
+
 
 @dataclass
 class Detection:

@@ -193,25 +193,31 @@ def colour_of(phrase: str) -> str | None:
     return None
 
 
-def _chunks(caption: str) -> list[list[str]]:
-    """Cut a caption into word runs at punctuation, splitter words and verb-like -ing words."""
-    out: list[list[str]] = []
+def _led_chunks(caption: str) -> list[tuple[list[str], str | None]]:
+    """Cut a caption into word runs at punctuation, splitter words and verb-like -ing words;
+    each run with the splitter word just before it (None at the start of a part)."""
+    out: list[tuple[list[str], str | None]] = []
     for part in _CUT.split(caption.lower()):
         words = _WORD.findall(part)
         run: list[str] = []
+        lead: str | None = None
         for i, w in enumerate(words):
             # An -ing word followed by more words is a verb or a participle ("riding a horse",
             # "sleeping cat"): it ends the phrase. Listed -ing nouns ("building") are kept.
             is_verb = w.endswith("ing") and w not in _ING_NOUNS and i + 1 < len(words)
             if w in _SPLITTERS or is_verb:
                 if run:
-                    out.append(run)
-                run = []
+                    out.append((run, lead))
+                run, lead = [], w
                 continue
             run.append(w)
         if run:
-            out.append(run)
+            out.append((run, lead))
     return out
+
+
+def _chunks(caption: str) -> list[list[str]]:
+    return [run for run, _lead in _led_chunks(caption)]
 
 
 def _clean(run: list[str]) -> list[str]:
@@ -257,6 +263,17 @@ def extract_phrases(caption: str) -> list[str]:
         if phrase not in phrases:
             phrases.append(phrase)
     return phrases
+
+
+def phrase_leads(caption: str) -> dict[str, str | None]:
+    """Each object phrase of :func:`extract_phrases` with the word that introduces it in the
+    caption ("a cup on a saucer" -> {"cup": None, "saucer": "on"}): its relation to the subject."""
+    out: dict[str, str | None] = {}
+    for run, lead in _led_chunks(caption or ""):
+        words = _clean(run)
+        if _is_object(words):
+            out.setdefault(" ".join(words), lead)
+    return out
 
 
 def background_phrase(caption: str) -> str:

@@ -17,6 +17,7 @@ _REGISTRY: dict[tuple[str, str], type[Stage]] = {}
 _BACKEND_MODULES = (
     "datagen.stages.decode",
     "datagen.stages.classical",
+    "datagen.stages.matting",
     "datagen.stages.assemble",
     "datagen.stages.truth",
     "datagen.stages.models",

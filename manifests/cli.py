@@ -1,4 +1,4 @@
-"""``python -m manifests``: summary, validate, preview, export and upgrade of a LayerDiff dataset."""
+"""``python -m manifests``: summary, validate, preview, export, upgrade and a browser (serve) of a LayerDiff dataset."""
 
 from __future__ import annotations
 
@@ -47,6 +47,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--key", action="append", default=[], help="sample key (repeatable)")
     p.add_argument("--shard", type=int, default=None, help="take samples from this shard")
     p.add_argument("-n", type=int, default=8, help="number of samples without --key (default 8)")
+    p = sub.add_parser("serve", help="browse the dataset in a web browser (read-only, local)")
+    p.add_argument("out", type=Path, help="dataset directory")
+    p.add_argument("--run", type=Path, default=None, help="a training run folder to show too (runs/NAME)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; anything else exposes the data to the network)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="where the shard indexes are cached (default ~/.cache/layerdiff/browse; never in OUT)")
+    p.add_argument("--no-cache", action="store_true", help="keep the shard indexes in memory only")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every request")
     return parser
 
 
@@ -139,9 +149,25 @@ def _export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from manifests.serve import serve
+    from manifests.shardindex import default_cache_dir
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: binding {args.host}: the dataset is readable from the network", file=sys.stderr)
+    cache = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    try:
+        serve(args.out, run=args.run, host=args.host, port=args.port, cache_dir=cache, verbose=args.verbose)
+    except (FileNotFoundError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 violations found or upgrade failed, 2 usage error)."""
     args = _parser().parse_args(argv)
     return {"summary": _summary, "validate": _validate, "preview": _preview,
             "upgrade": _upgrade,
-            "export": _export}[args.command](args)
+            "export": _export,
+            "serve": _serve}[args.command](args)

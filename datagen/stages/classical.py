@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from datagen.item import Detection, Item
+from datagen.item import EXACT, MATTE, ROUGH, Detection, Item
 from datagen.phrases import (
     COLOUR_FIT_MAX,
     background_phrase,
@@ -50,8 +50,8 @@ from datagen.stages.base import Segmenter, SoftAlphaParams, Stage
 
 # Candidate kinds recorded in Detection.extra["candidate"]: an "exact" candidate is a clean
 # colour-model region (the segment and inpaint stages trust it); a "rough" one is the photo
-# fallback's region (GrabCut does the work, inpainting grows it more).
-EXACT, ROUGH = "exact", "rough"
+# fallback's region (GrabCut does the work, inpainting grows it more); a "matte" one is a matting
+# model's soft alpha (datagen.stages.matting), final as it is.
 
 
 # RGB -> (Y, Cb, Cr) without offsets (BT.601, as JPEG).
@@ -407,11 +407,17 @@ class ContrastGround(Stage):
             self.ground(item)
 
     def ground(self, item: Item) -> None:
+        rest = self.compact(item)
+        if rest is not None:
+            self.photo(item, *rest)
+
+    def compact(self, item: Item) -> tuple[np.ndarray, float] | None:
+        """The flat-scene path: a few compact objects off the border's colours become detections
+        (None); otherwise (distance to the border colours, candidate share) for :meth:`photo`."""
         p: ContrastParams = self.params
         image = item.image
         if not item.phrases:
             item.phrases = extract_phrases(item.caption)
-        h, w = image.shape[:2]
         model = BorderModel(image, p)
         dist = model.distance(image)
         cand = dist > p.tolerance
@@ -436,12 +442,12 @@ class ContrastGround(Stage):
                         not plain or _extends(before, item.detections, p.border_frac)):
                     item.quality["candidate_share"] = round(c_share, 4)
                     item.quality["ground_mode"] = "colour-border"
-                    return
+                    return None
                 item.detections = before
                 if plain:
                     item.quality["ground_mode"] = "colour"
         if plain:
-            return
+            return None
         # Second try: colours the caption gives to objects are not background, even where an
         # object crosses the border ("a black horse on a white background"). Only a compact
         # result counts: captions also colour backgrounds ("under a blue sky").
@@ -453,7 +459,14 @@ class ContrastGround(Stage):
             g_cand = guided > p.tolerance
             if self._emit_compact(item, guided, g_cand, float(g_cand.mean())):
                 item.quality["ground_mode"] = "colour-caption"
-                return
+                return None
+        return dist, share
+
+    def photo(self, item: Item, dist: np.ndarray, share: float) -> None:
+        """The photo fallback: one object, the most distinct region (GrabCut refines it)."""
+        p: ContrastParams = self.params
+        image = item.image
+        h, w = image.shape[:2]
         if p.fallback and share < p.fallback_min_share:
             # The border's colours are (nearly) everywhere: the subject fills the frame or
             # there is none; a "most distinct" blob would be a part of it, or noise.
@@ -959,6 +972,8 @@ class GrabCutSegment(Segmenter):
         for item in items:
             claimed = np.zeros(item.image.shape[:2], bool)
             for det in item.detections:
+                if det.extra.get("candidate") == MATTE:
+                    continue  # already a soft alpha with its own edges: GrabCut would binarise it
                 mask = self.segment(item.image, det)
                 det.mask = _u8(mask)
                 if det.extra.get("candidate") == ROUGH:
@@ -977,7 +992,7 @@ class GrabCutSegment(Segmenter):
             # detection whose candidate held it, else with the earlier (further back) one.
             for det in sorted(item.detections, key=lambda d: d.extra.get("candidate") != EXACT):
                 m = det.mask > 0
-                det.mask = _u8(m & ~claimed)
+                det.mask = np.where(claimed, 0, det.mask).astype(np.uint8)  # soft alpha stays soft
                 claimed |= m
             item.detections = [d for d in item.detections if d.mask.any()]
             if not item.detections:

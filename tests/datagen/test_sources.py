@@ -1,4 +1,5 @@
-"""All sources through the default (classical) pipeline, and the bad-input corpus."""
+"""All sources through the default pipeline (classical on flat scenes, the matting model on photos), and the
+bad-input corpus."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from datagen.badinput import EXPECTED, write_corpus, write_unsafe_tar
 from datagen.config import SourceConfig, load_config
+from datagen.photobench import is_one_object
 from datagen.runner import run
 from datagen.sources import list_items, read_item
 from manifests.validate import validate_dataset
@@ -110,9 +112,9 @@ def test_demo_source_photos_and_scenes(tmp_path: Path):
     _, samples = read_shard(out / "shards" / "000000.tar")
     for key, members in samples.items():
         meta = json.loads(members["json"])
-        if key.startswith("photo-"):  # a sensible single object, not noise
-            assert len(meta["layers"]) == 1
-            assert 0.01 <= meta["layers"][0]["area"] <= 0.85
+        if key.startswith("photo-"):  # sensible objects (the matting model's), not noise or fragments
+            for n, layer in enumerate(meta["layers"]):
+                assert is_one_object(png(members[f"mask.{n}.png"])), (key, layer["phrase"])
     assert validate_dataset(out).ok()
 
 

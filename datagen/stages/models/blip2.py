@@ -142,6 +142,9 @@ class Blip2Caption(ImageCaptioner):
             "model": f"{cfg['model_type']}:{cfg.get('_name_or_path') or folder.name}",
             "checkpoint": checkpoint_digest(weight_files(folder), folder),
             "version": cls.version,
+            # Salesforce's BLIP-2 / InstructBLIP release (LAVIS); the language model inside (OPT,
+            # Flan-T5, Vicuna) carries its own terms: not verified here.
+            "licence": "BSD-3-Clause (unverified; the language model has its own licence)",
         }
 
     def __init__(self, params: Blip2Params | None = None, context: StageContext | None = None) -> None:

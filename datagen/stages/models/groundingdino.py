@@ -337,6 +337,7 @@ class GroundingDinoStage(Stage):
                 "text_encoder": {"name": enc.name, "files": {f.name: file_sha256(f) for f in enc_files}},
             },
             "version": cls.version,
+            "licence": "Apache-2.0",  # GroundingDINO code and checkpoints (the BERT text encoder: Apache-2.0)
         }
 
     # -- work --------------------------------------------------------------------------------------

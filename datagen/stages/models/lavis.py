@@ -337,6 +337,7 @@ class LavisCaption(ImageCaptioner):
             "model": f"lavis:{spec.arch}/{spec.model_type}",
             "checkpoint": {"name": spec.checkpoint.name, "sha256": file_sha256(spec.checkpoint)},
             "version": cls.version,
+            "licence": "BSD-3-Clause",  # salesforce/LAVIS and its BLIP / BLIP-2 checkpoints
         }
 
     def __init__(self, params: LavisParams | None = None, context: StageContext | None = None) -> None:

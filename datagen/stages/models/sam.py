@@ -2,7 +2,8 @@
 
 The image encoder runs on the stage batch at once (the expensive part, and the one that batches);
 then, per image, all its boxes go to ``SamPredictor.predict_torch`` in one call with
-``multimask_output=True`` and the output with the best predicted IoU is kept. Masks are cleaned
+``multimask_output=True`` and the output with the best predicted IoU is kept (for a matting
+grounder's box, its soft alpha inside SAM's mask: :func:`matte_within`). Masks are cleaned
 (small holes filled, small specks removed) and filtered by predicted IoU, stability score and
 area; each dropped detection is recorded with its reason in ``item.quality["segment"]``.
 
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from datagen.item import Item
+from datagen.item import MATTE, Item
 from datagen.registry import register
 from datagen.stages.base import Segmenter, SoftAlphaParams, file_sha256
 
@@ -150,6 +151,18 @@ def _autocast(device: Any, precision: str) -> contextlib.AbstractContextManager:
     return torch.autocast("cuda", dtype=torch.bfloat16 if bf16 else torch.float16)
 
 
+def matte_within(alpha: np.ndarray, mask: np.ndarray, grow: int = 2) -> np.ndarray:
+    """A matting grounder's soft ``alpha`` (uint8) kept where SAM's binary ``mask`` (grown by
+    ``grow`` px, so the soft edge outside it stays) says the object is; SAM's mask, opaque, where
+    the matte has nothing there."""
+    import cv2
+
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))
+    inside = cv2.dilate(mask.astype(np.uint8), k) > 0
+    out = np.where(inside, alpha, 0).astype(np.uint8)
+    return out if out.any() else mask.astype(np.uint8) * np.uint8(255)
+
+
 @register
 class SamStage(Segmenter):
     """Masks for ``item.detections`` with SAM box prompts."""
@@ -200,6 +213,7 @@ class SamStage(Segmenter):
             "model": f"sam_{params.model_type}",
             "checkpoint": {"name": Path(params.checkpoint).name, "sha256": file_sha256(params.checkpoint)},
             "version": cls.version,
+            "licence": "Apache-2.0",  # segment-anything code and checkpoints
         }
 
     # -- work --------------------------------------------------------------------------------------
@@ -282,7 +296,10 @@ class SamStage(Segmenter):
                     {"phrase": det.phrase, "box": [round(v, 1) for v in det.box], "reason": reason, **scores}
                 )
                 continue
-            det.mask = m * np.uint8(255)
+            if det.extra.get("candidate") == MATTE and det.mask is not None:
+                det.mask = matte_within(det.mask, m)  # SAM's extent, the matte's soft edges
+            else:
+                det.mask = m * np.uint8(255)
             det.extra.update(scores)
             det.extra.update(
                 sam_mask_index=int(k), sam_area=round(area, 5), sam_holes_filled_px=filled,

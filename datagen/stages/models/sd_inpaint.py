@@ -245,6 +245,7 @@ class SdInpaint(Stage):
             "model": f"diffusers:{json.loads((folder / 'model_index.json').read_text())['_class_name']}:{folder.name}",
             "checkpoint": checkpoint_digest(check_folder(params), folder),
             "version": cls.version,
+            "licence": "CreativeML OpenRAIL-M",  # Stable Diffusion (inpainting) weights
         }
         # The helpers change the output too; the schema allows these extra keys.
         if params.recheck is not None:
