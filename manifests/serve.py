@@ -527,7 +527,7 @@ def source_thumbnail(uri: str, config: Mapping[str, Any]) -> dict[str, Any]:
         else:
             if not raw.data:
                 return {"readable": False, "why": "empty file"}
-            img = load_image(raw.data, THUMB_MAX_PIXELS, (255, 255, 255))
+            img = load_image(raw.data, THUMB_MAX_PIXELS)
         img.thumbnail((THUMB_SIZE, THUMB_SIZE))
         buf = io.BytesIO()
         img.save(buf, format="PNG")

@@ -53,7 +53,7 @@ def launch_chromium(playwright: Any, **kwargs: Any) -> Any:
 
 
 def scene_sample(seed: int, size: int) -> LayerSample:
-    """A format-1 sample of generated scene ``seed`` from its true layers (json as the pipeline writes)."""
+    """A format-2 sample of generated scene ``seed`` from its true layers (json as the pipeline writes)."""
     scene = make_scene(seed, size=size)
     key = f"bench-{seed:06d}"
     layers = []
@@ -61,7 +61,7 @@ def scene_sample(seed: int, size: int) -> LayerSample:
         ys, xs = (mask > 0).nonzero()
         layers.append({"index": n, "phrase": phrase, "caption": caption, "score": 1.0,
                        "box": [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1],
-                       "area": round(float((mask > 0).mean()), 6)})
+                       "area": round(float((mask > 0).mean()), 6), "extent": "amodal"})
     sample = LayerSample(key, scene.image, scene.background, scene.foregrounds, scene.masks, scene.caption)
     sample.meta = {
         "schema": SAMPLE_SCHEMA, "key": key, "width": size, "height": size, "caption": scene.caption,

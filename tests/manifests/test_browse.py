@@ -35,6 +35,14 @@ REJECTED = [DEFAULT_REJECTED[0] + [{"source": "scene:7", "key": "scene-000007", 
                                     "reason": "no foreground found (only 0.2% of the image differs)"}]]
 
 
+
+def _within_one(got: np.ndarray, want: np.ndarray) -> None:
+    """The page's canvas composition equals compose_uint8 up to one 8-bit level (soft alpha edges are
+    rounded once more by the canvas' 8-bit premultiplied storage)."""
+    assert got.shape == want.shape
+    diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+    assert int(diff.max()) <= 1, int(diff.max())
+
 def shards() -> list[list[Any]]:
     """Two shards: 1, 2 and 3 layers, captions with distinct words."""
     first = [make_sample(f"s{i:04d}", seed=i, num_layers=1 + i % 3, noise=i % 2 == 1) for i in range(5)]
@@ -325,7 +333,7 @@ def test_browser_gallery_filter_and_toggle(page, browse_dataset):
     assert 1 <= drawn < 9  # the first screen only: the rest draws as it scrolls into view
     draw_all(pg)
     last = _canvas(pg, samples[-1].key)
-    np.testing.assert_array_equal(last[..., :3], samples[-1].recompose())
+    _within_one(last[..., :3], samples[-1].recompose())
     pg.screenshot(path=str(SHOTS / "gallery.png"), full_page=True)
 
     # Pages change in place; the URL follows, and the back button returns.
@@ -359,11 +367,11 @@ def test_browser_gallery_filter_and_toggle(page, browse_dataset):
     full = _canvas(pg, sample.key)
     assert (full[..., 3] == 255).all()
     assert psnr(full[..., :3], sample.image) >= 30
-    np.testing.assert_array_equal(full[..., :3], sample.recompose())
+    _within_one(full[..., :3], sample.recompose())
     pg.uncheck(f".card[data-key={sample.key}] input.layer-toggle[data-layer='1']")
     pg.wait_for_selector(f".card[data-key={sample.key}] canvas.recomp[data-visible='0']")
     partial = _canvas(pg, sample.key)[..., :3]
-    np.testing.assert_array_equal(partial, compose_uint8(sample.background, sample.foregrounds[:1], sample.masks[:1]))
+    _within_one(partial, compose_uint8(sample.background, sample.foregrounds[:1], sample.masks[:1]))
     assert (partial != full[..., :3]).any()
     pg.screenshot(path=str(SHOTS / "toggle.png"))
 
@@ -411,7 +419,7 @@ def test_browser_rejections_stats_and_run(page, browse_dataset, server, tmp_path
     pg.screenshot(path=str(SHOTS / "run.png"), full_page=True)
 
 
-def test_bench_scene_samples_are_valid_format_1(tmp_path):
+def test_bench_scene_samples_are_valid(tmp_path):
     from datagen.format import check_sample
 
     sample = scene_sample(3, 64)
