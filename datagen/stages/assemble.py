@@ -166,6 +166,7 @@ class LayerAssembler(Stage):
                 k = 2 * p.bg_margin + 1
                 union = cv2.dilate(union, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k)))
             bg = np.where(union[..., None] > 0, background, image).astype(np.uint8)
+            fgs, bg = fit_soft_colours(image, bg, fgs, masks)
         sample = self._sample(item, layers, fgs, masks, bg, dropped)
         recon = sample.meta["quality"]["recon_psnr"]
         if recon < p.min_recon_psnr:
@@ -212,3 +213,39 @@ class LayerAssembler(Stage):
             "quality": quality,
         }
         return sample
+
+
+def fit_soft_colours(image: np.ndarray, bg: np.ndarray, fgs: list[np.ndarray], masks: list[np.ndarray]
+                     ) -> tuple[list[np.ndarray], np.ndarray]:
+    """Layer and background colours at soft-alpha pixels that recompose the image.
+
+    At a pixel with 0 < alpha < 1 the image is ``a * fg + (1 - a) * below``. Where alpha >= 1/2 the
+    layer's colour is solved from it over the stored background (and the layers behind), back to
+    front; where the background shows through more than half, the background's colour is solved
+    instead (dividing by the larger weight keeps both stable). A matte's soft band can be wide (hair,
+    blur): colours estimated there over an inpainted background would not give the image back.
+    Opaque layer pixels and pixels no layer touches keep their colours; values are clipped to 8 bits.
+    """
+    img = image.astype(np.float64)
+    below = bg.astype(np.float64)
+    through = np.ones(image.shape[:2] + (1,))  # how much of the background shows
+    out = []
+    for fg, mask in zip(fgs, masks, strict=True):
+        a = mask.astype(np.float64)[..., None] / 255.0
+        solve = (mask >= 128) & (mask < 255)
+        fitted = fg.copy()
+        if solve.any():
+            colour = (img - (1 - a) * below) / np.maximum(a, 1e-6)
+            fitted[solve] = np.clip(np.rint(colour[solve]), 0, 255).astype(np.uint8)
+        out.append(fitted)
+        below = a * fitted + (1 - a) * below
+        through = through * (1 - a)
+    soft_any = np.zeros(image.shape[:2], bool)
+    for mask in masks:
+        soft_any |= (mask > 0) & (mask < 255)
+    fix = soft_any & (through[..., 0] > 0.5)
+    new_bg = bg.copy()
+    if fix.any():
+        corrected = bg.astype(np.float64) + (img - below) / np.maximum(through, 1e-6)
+        new_bg[fix] = np.clip(np.rint(corrected[fix]), 0, 255).astype(np.uint8)
+    return out, new_bg

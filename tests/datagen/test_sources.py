@@ -12,6 +12,7 @@ import pytest
 
 from datagen.badinput import EXPECTED, write_corpus, write_unsafe_tar
 from datagen.config import SourceConfig, load_config
+from datagen.format import read_sample
 from datagen.photobench import is_one_object
 from datagen.runner import run
 from datagen.sources import list_items, read_item
@@ -111,10 +112,10 @@ def test_demo_source_photos_and_scenes(tmp_path: Path):
     assert sum(k.startswith("photo-") for k in keys) == 8 and sum(k.startswith("scene-") for k in keys) == 4
     _, samples = read_shard(out / "shards" / "000000.tar")
     for key, members in samples.items():
-        meta = json.loads(members["json"])
+        sample = read_sample(members, key=key)
         if key.startswith("photo-"):  # sensible objects (the matting model's), not noise or fragments
-            for n, layer in enumerate(meta["layers"]):
-                assert is_one_object(png(members[f"mask.{n}.png"])), (key, layer["phrase"])
+            for mask, layer in zip(sample.masks, sample.meta["layers"], strict=True):
+                assert is_one_object(mask), (key, layer["phrase"])
     assert validate_dataset(out).ok()
 
 
