@@ -195,6 +195,13 @@ def _iter_tar(url: str) -> Iterator[SourceRef]:
                         {"kind": "tar-error", "tar": url, "reason": f"{type(err).__name__}{where}: {err}"})
 
 
+def tar_item(url: str, key: str) -> dict[str, Any] | None:
+    """The read descriptor of sample ``key`` of the tar at ``url`` (as listed for ``read_item``),
+    or None when the tar has no such item; used to look at one item again, e.g. a rejected one."""
+    uri = f"tar:{url}#{key}"
+    return next((ref.descriptor for ref in _iter_tar(url) if ref.uri == uri), None)
+
+
 _MAGIC: tuple[tuple[bytes, Any], ...] = (
     (b"\x1f\x8b", gzip.GzipFile), (b"BZh", bz2.BZ2File), (b"\xfd7zXZ\x00", lzma.LZMAFile),
 )

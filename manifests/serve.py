@@ -488,7 +488,7 @@ class Browser:
 def source_thumbnail(uri: str, config: Mapping[str, Any]) -> dict[str, Any]:
     """A thumbnail of a rejected item's source, read as the decode stage reads it
     (``datagen.sources.read_item``, with its folder and tar-member guards and the bomb limit)."""
-    from datagen.sources import SourceReadError, read_item
+    from datagen.sources import SourceReadError, read_item, tar_item
     from datagen.stages.decode import load_image
 
     source = config.get("source") if isinstance(config.get("source"), dict) else {}
@@ -506,18 +506,10 @@ def source_thumbnail(uri: str, config: Mapping[str, Any]) -> dict[str, Any]:
         desc = {"kind": "file", "path": str(root / rel), "root": str(root.resolve())}
     elif kind == "tar" and "#" in rest:
         tar, _, key = rest.partition("#")
-        desc = {"kind": "tar", "tar": tar, "members": {}}
-        try:
-            import tarfile
-
-            with tarfile.open(tar) as tf:
-                for m in tf.getmembers():
-                    base = m.name.rsplit("/", 1)[-1]
-                    prefix, stem = m.name[: len(m.name) - len(base)], base.split(".", 1)[0]
-                    if m.isfile() and "." in base and prefix + stem == key:
-                        desc["members"][base.split(".", 1)[1].lower()] = m.name
-        except (OSError, tarfile.TarError) as err:
-            return {"readable": False, "why": f"source tar unreadable: {err}"}
+        found = tar_item(tar, key)  # the source listing's own grouping and member offsets
+        if found is None:
+            return {"readable": False, "why": f"source tar {tar} has no item {key!r}"}
+        desc = found
     else:
         return {"readable": False, "why": f"source {uri!r} cannot be located from the manifests"}
     try:

@@ -447,3 +447,24 @@ def test_cli_serve_starts_on_loopback_and_answers(browse_dataset, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "manifests", "serve", str(tmp_path / "missing"), "--no-cache"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "not a dataset" in bad.stderr
+
+
+def test_rejection_thumbnail_of_a_tar_source(tmp_path):
+    """A rejected img2dataset-tar item is found again through the source listing and drawn."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from datagen.bench import write_img2dataset_tars
+    from datagen.config import SourceConfig
+    from datagen.sources import list_items
+    from manifests.serve import source_thumbnail
+
+    pattern = write_img2dataset_tars(tmp_path / "raw", 5, per_tar=5, size=48, compress=False)
+    ref = list_items(SourceConfig(kind="tars", path=pattern), 5)[2]
+    thumb = source_thumbnail(ref.uri, {})
+    assert thumb["readable"], thumb
+    assert Image.open(io.BytesIO(base64.b64decode(thumb["png"]))).size == (48, 48)
+    missing = source_thumbnail(ref.uri.split("#")[0] + "#nope", {})
+    assert not missing["readable"] and "no item 'nope'" in missing["why"]
