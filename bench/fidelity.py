@@ -19,7 +19,13 @@ regression benchmark: the recipe that met every bar at 120 CPU-minutes (BENCHMAR
      nearest to the prompted colour;
    - shape: ``classify_shape`` of the predicted mask is the prompted shape;
    - background: the background's pixels lie nearest the prompted colour's tones;
-   - binarity: share of mask pixels within 0.1 of 0 or 1;
+   - edge sharpness: of the pixels a layer's mask draws (alpha > 0.1), the share that is opaque
+     (alpha >= 0.9) or lies on the mask's edge (within ``EDGE_BAND_PX`` of the alpha = 0.5
+     contour): a soft edge (anti-aliasing, a matte's band) is sharp, a half-transparent interior,
+     a haze or a blurred blob is not (``edge_counts``); pooled over the foreground layers;
+   - edge width: the transition's mean width in px, the mask's pixels strictly between 0.1 and
+     0.9 per px of its 0.5 contour (0 for a binary mask, about 2.6 sigma for a Gaussian-blurred
+     edge); reported, no bar;
    - outside-mask: of a foreground layer's pixels, the share outside its predicted mask that
      the model painted as object: differing (by > 0.1) from the fill the training data shows
      there (``fg_fill``: nearest = the inside colour carried outwards, zero = black);
@@ -61,7 +67,15 @@ from model.data import fill_outside, split_layers, to_example
 from model.sampling import StepHook
 
 BARS = {"fg_colour": (">=", 0.9), "shape": (">=", 0.8), "background": (">=", 0.95),
-        "binarity": (">=", 0.95), "outside_mask": ("<=", 0.05)}
+        "edge_sharpness": (">=", 0.95), "outside_mask": ("<=", 0.05)}
+# Edge sharpness: alpha within NEAR_BINARY of 0 or 1 is transparent / opaque; intermediate alpha
+# is an edge when it lies within EDGE_BAND_PX (px at EDGE_BAND_SIZE px, scaled with the mask's
+# size) of a pixel on the other side of alpha = 0.5: the two pixel rings either side of the
+# contour at the model's 32 px, which hold an anti-aliased or a slightly blurred (sigma <= 1 px)
+# edge's whole transition.
+NEAR_BINARY = 0.1
+EDGE_BAND_PX = 2
+EDGE_BAND_SIZE = 32
 HELDOUT_GAP = 0.1
 EVAL_SEED0 = 1_000_000  # evaluation scenes: seeds far from the training ones
 SYNTHETIC_PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "synthetic-gt.yaml"
@@ -200,8 +214,53 @@ def background_colour(bg: np.ndarray, candidates: Sequence[str]) -> str:
     return best
 
 
+@dataclass(frozen=True)
+class EdgeCounts:
+    """Pixel counts of one soft mask behind edge sharpness and edge width (``edge_counts``)."""
+
+    drawn: int  # pixels with alpha > NEAR_BINARY
+    sharp: int  # of those, opaque (alpha >= 1 - NEAR_BINARY) or within the edge band
+    transition: int  # pixels strictly between NEAR_BINARY and 1 - NEAR_BINARY
+    contour: float  # length in px of the alpha = 0.5 contour
+
+    @property
+    def sharpness(self) -> float:
+        """Share of the drawn pixels that are sharp; 1.0 for a mask that draws nothing."""
+        return self.sharp / self.drawn if self.drawn else 1.0
+
+    @property
+    def width_px(self) -> float:
+        """Mean width of the transition across the 0.5 contour in px; NaN without a contour."""
+        return self.transition / self.contour if self.contour else float("nan")
+
+
+def edge_band(mask: np.ndarray) -> np.ndarray:
+    """Bool (H, W): pixels within the edge band of a soft (H, W) mask in [0, 1], the
+    ``EDGE_BAND_PX`` (scaled with the mask's size) either side of its alpha = 0.5 contour; the frame
+    is no edge."""
+    from datagen.alpha import trimap
+
+    band = max(1, round(EDGE_BAND_PX * max(mask.shape) / EDGE_BAND_SIZE))
+    return trimap(np.where(mask >= 0.5, 255, 0).astype(np.uint8), band) == 128
+
+
+def edge_counts(mask: np.ndarray) -> EdgeCounts:
+    """Edge-sharpness counts of a soft (H, W) mask in [0, 1]: intermediate alpha is an edge within
+    the band of the 0.5 contour (``edge_band``) and mush anywhere else."""
+    from skimage.measure import find_contours
+
+    mask = np.asarray(mask, np.float64)
+    drawn = mask > NEAR_BINARY
+    opaque = mask >= 1 - NEAR_BINARY
+    sharp = drawn & (opaque | edge_band(mask))
+    contour = sum(float(np.linalg.norm(np.diff(c, axis=0), axis=1).sum()) for c in find_contours(mask, 0.5))
+    return EdgeCounts(drawn=int(drawn.sum()), sharp=int(sharp.sum()), transition=int((drawn & ~opaque).sum()),
+                      contour=contour)
+
+
 def score_sample(layers: torch.Tensor, present: torch.Tensor, scene: Any, fg_fill: str) -> dict[str, Any]:
     """Scores of one sample's (L, 3, H, W) layers in [-1, 1] against the scene it was prompted with."""
+    from datagen.format import compose_layers
     from datagen.phrases import PALETTE, nearest_colour
     from datagen.scenes import BACKGROUND_COLOURS, classify_shape
 
@@ -209,11 +268,11 @@ def score_sample(layers: torch.Tensor, present: torch.Tensor, scene: Any, fg_fil
     bg = (parts["background"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     record: dict[str, Any] = {"bg_ok": background_colour(bg, BACKGROUND_COLOURS) == scene.background_colour,
                               "layers": []}
-    alphas = [a.bool() for a in parts["alphas"]]
-    from datagen.format import compose_layers
-
-    composite = compose_layers(parts["background"], parts["foregrounds"], [a[None].float() for a in alphas])
-    for n, (fg, soft, inside) in enumerate(zip(parts["foregrounds"], parts["masks"], alphas, strict=True)):
+    # the object is where its soft alpha reaches 0.5 (the measures below ask what is inside it);
+    # the composite is the soft one, as the format stores and shows the layers
+    insides = [a >= 0.5 for a in parts["alphas"]]
+    composite = compose_layers(parts["background"], parts["foregrounds"], [a[None] for a in parts["alphas"]])
+    for n, (fg, soft, inside) in enumerate(zip(parts["foregrounds"], parts["masks"], insides, strict=True)):
         colour, shape = scene.colours[n], scene.shapes[n]
         area = int(inside.sum())
         mean = (fg[:, inside].mean(1) * 255).tolist() if area else [0.0, 0.0, 0.0]
@@ -225,7 +284,7 @@ def score_sample(layers: torch.Tensor, present: torch.Tensor, scene: Any, fg_fil
             "colour": colour, "shape": shape,
             "colour_ok": area > 0 and nearest_colour(mean) == colour,
             "shape_pred": classify_shape(inside.numpy().astype(np.uint8) * 255),
-            "binarity": float(((soft <= 0.1) | (soft >= 0.9)).float().mean()),
+            **dataclasses.asdict(edge_counts(soft.numpy())),
             "outside": float(painted.sum()) / max(1, area + int(painted.sum())),
             "leak": float(comp_near.sum()) / max(1, area),
         })
@@ -247,11 +306,14 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         called.setdefault(r["shape"], Counter())[str(r["shape_pred"])] += 1
     by_shape = {name: {"shape": round(c[name] / c.total(), 3), "fg_layers": c.total(), "predicted": dict(c)}
                 for name, c in sorted(called.items())}
+    # edge figures pooled over the layers' pixels: a large mushy layer counts for all its pixels
+    edges = EdgeCounts(*(sum(r[f.name] for r in layers) for f in dataclasses.fields(EdgeCounts)))
     return {
         "fg_colour": mean([r["colour_ok"] for r in layers]),
         "shape": mean([r["shape_ok"] for r in layers]),
         "background": mean([r["bg_ok"] for r in records]),
-        "binarity": mean([r["binarity"] for r in layers]),
+        "edge_sharpness": edges.sharpness if layers else float("nan"),
+        "edge_width_px": edges.width_px,
         "outside_mask": mean([r["outside"] for r in layers]),
         "leak": mean([r["leak"] for r in layers]),
         "samples": len(records),
@@ -452,7 +514,7 @@ def score_snapshots(train_out: Path, scenes: dict[str, Sequence[Any]], cfg: Fide
 def markdown(report: dict[str, Any]) -> str:
     """The report's table (seen, held-out, truth ceiling, bar)."""
     rows = ["| measure | seen | held-out | true layers (seen / held-out) | bar | met |", "|---|---|---|---|---|---|"]
-    for name in ("fg_colour", "shape", "background", "binarity", "outside_mask", "leak"):
+    for name in ("fg_colour", "shape", "background", "edge_sharpness", "edge_width_px", "outside_mask", "leak"):
         op, bar = BARS.get(name, ("", None))
         met = report["pass"].get(name, "")
         rows.append(f"| {name} | {report['seen'][name]:.3f} | {report['held_out'][name]:.3f} | "

@@ -1,21 +1,26 @@
 """The fidelity benchmark: its shards are the product's (validated, read back as the scenes), it refuses
 shards written for other scenes, its report counts each prompted shape, it scores a run's snapshots as
-their own models, the report names the machine, and its presets fill what a run leaves open."""
+their own models, the report names the machine, and its presets fill what a run leaves open. Edge
+sharpness passes hard and soft edges and flags mushy masks, at any resolution."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from bench.fidelity import (
+    BARS,
     EVAL_SEED0,
     PRESETS,
     FidelityConfig,
     check_scene_shards,
+    edge_counts,
     eval_scenes,
     evaluate,
     markdown,
@@ -29,7 +34,7 @@ from bench.fidelity import (
 )
 from bench.machine import describe_machine
 from datagen.format import LayerSample, iter_tar_samples
-from datagen.scenes import ShapeSpec, make_scene, shape_mask, split_combos
+from datagen.scenes import SHAPES, ShapeSpec, make_scene, shape_alpha, shape_mask, split_combos
 from manifests.cli import main as manifests_main
 
 
@@ -161,3 +166,98 @@ def test_cli_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
         (2.5, [1.0, 2.0], True, "1", {"batch_size": 4})
     assert (cfg.preset, cfg.model, cfg.eta, cfg.sample_steps) == ("s3-120", "tiny-s3", 1.0, 100)
     assert (seen[1].preset, seen[1].model, seen[1].minutes, seen[1].eta) == ("tiny-30", "tiny", 30.0, 0.5)
+
+
+def _binarity(mask: np.ndarray) -> float:
+    """The measure edge sharpness replaced: share of ALL mask pixels within 0.1 of 0 or 1."""
+    return float(((mask <= 0.1) | (mask >= 0.9)).mean())
+
+
+def _alpha(shape: str, size: int, edges: str = "hard", sigma: float = 0.0, r: float = 0.2) -> np.ndarray:
+    return shape_alpha(ShapeSpec(shape, "red", 0.5, 0.5, r, 0.4), size, edges, sigma) / 255.0
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_edge_sharpness_passes_hard_and_soft_edges(shape: str) -> None:
+    bar = BARS["edge_sharpness"][1]
+    hard = edge_counts(_alpha(shape, 32))
+    assert hard.sharpness == 1.0 and hard.width_px == 0.0 and hard.drawn > 20
+    # anti-aliased (4x4 coverage) and slightly blurred (sigma 1 px) edges are edges, not mush,
+    # though the blurred edge's transition takes so many pixels that binarity fails
+    antialias = _alpha(shape, 32, "antialias")
+    assert edge_counts(antialias).sharpness == 1.0 and 0.3 < edge_counts(antialias).width_px < 1.2
+    blurred = _alpha(shape, 32, "blur", 1.0)
+    assert edge_counts(blurred).sharpness >= bar > _binarity(blurred)
+    assert 1.8 < edge_counts(blurred).width_px < 3.5  # a Gaussian's 10-90% width: 2.56 sigma
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_edge_sharpness_flags_mushy_masks(shape: str) -> None:
+    bar = BARS["edge_sharpness"][1]
+    # (circumradius 0.3 of the frame, within the benchmark's objects; the pixels of a much thinner
+    # shape all lie within the edge band, so its half-transparent interior counts less)
+    hard = _alpha(shape, 32, r=0.3)
+    blob = _alpha(shape, 32, "blur", 3.0, r=0.3)  # a heavily blurred blob
+    half = np.where(hard > 0, 0.5, 0.0)  # the shape half transparent throughout
+    haze = np.maximum(hard, 0.3)  # a haze over the whole frame
+    for mush in (blob, half, haze):
+        assert edge_counts(mush).sharpness < bar - 0.15, (shape, edge_counts(mush))
+    # the shape's own edge is no excuse: a blurred blob is wider than any edge band
+    assert edge_counts(blob).width_px > 2 * edge_counts(_alpha(shape, 32, "blur", 1.0, r=0.3)).width_px
+
+
+def test_edge_band_scales_with_the_resolution() -> None:
+    """The same edge at 256 px (sigma 8 px = 1 px at 32) is as sharp as at 32 px; a blob as mushy."""
+    bar = BARS["edge_sharpness"][1]
+    for size in (64, 256):
+        scale = size / 32
+        assert edge_counts(_alpha("star", size)).sharpness == 1.0
+        assert edge_counts(_alpha("star", size, "blur", 1.0 * scale)).sharpness >= bar
+        assert edge_counts(_alpha("star", size, "blur", 3.0 * scale, r=0.3)).sharpness < bar - 0.15
+    # an empty mask draws nothing: nothing mushy (the shape measure fails it instead)
+    assert edge_counts(np.zeros((32, 32))).sharpness == 1.0
+
+
+def test_scores_true_layers_sharp_and_a_mushy_layer_not() -> None:
+    scenes = [make_scene(seed, 32, object_scale=1.5) for seed in range(6)]
+    examples = [to_example(s, 32, 3) for s in scene_samples(scenes, 32, 3)]
+    truth = summarize([score_sample(e["layers"], e["present"], s, "nearest") for s, e in zip(scenes, examples)])
+    assert truth["edge_sharpness"] == 1.0 and truth["edge_width_px"] == 0.0  # the ceiling
+    assert truth["shape"] > 0.8
+
+    # a faint haze (alpha 0.05) outside every mask is neither drawn nor the object: shape and colour
+    # are those of the alpha >= 0.5 region, sharpness stays 1
+    hazy = []
+    for e in examples:
+        layers = e["layers"].clone()
+        layers[4:] = torch.where(layers[4:] < 0, torch.full_like(layers[4:], 2 * 0.05 - 1), layers[4:])
+        hazy.append(layers)
+    report = summarize([score_sample(h, e["present"], s, "nearest") for s, e, h in zip(scenes, examples, hazy)])
+    assert (report["shape"], report["fg_colour"], report["edge_sharpness"]) == \
+        (truth["shape"], truth["fg_colour"], 1.0)
+
+    # every object's mask blurred into a blob (sigma 3 px), or every object at half opacity: the
+    # figure fails its bar (counted over all 1024 pixels of each mask, half opacity would pass it)
+    import cv2
+
+    def mushy(transform: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
+        records = []
+        for scene, e in zip(scenes, examples):
+            layers = e["layers"].clone()
+            for n in range(3):
+                if bool(e["present"][1 + n]):
+                    unit = transform((layers[4 + n, 0].numpy() + 1) / 2)
+                    layers[4 + n] = torch.from_numpy(unit * 2 - 1)[None].expand(3, -1, -1)
+            records.append(score_sample(layers, e["present"], scene, "nearest"))
+        return summarize(records)
+
+    half = mushy(lambda unit: unit * 0.5)
+    assert half["edge_sharpness"] < BARS["edge_sharpness"][1] - 0.2
+    report = mushy(lambda unit: cv2.GaussianBlur(unit, (0, 0), 3.0, borderType=cv2.BORDER_CONSTANT))
+    assert report["edge_sharpness"] < BARS["edge_sharpness"][1] - 0.2 and report["edge_width_px"] > 4
+    assert not verdict(report, report)["edge_sharpness"]
+    text = markdown({"seen": report, "held_out": truth, "seen_truth": truth, "held_out_truth": truth,
+                     "pass": verdict(report, truth), "eval_minutes": 0.0, "loss_curve": []})
+    row = next(r for r in text.splitlines() if r.startswith("| edge_sharpness |"))
+    assert f"| {report['edge_sharpness']:.3f} | 1.000 | 1.000 / 1.000 | >= 0.95 | False |" in row
+    assert "| edge_width_px |" in text and "binarity" not in text
