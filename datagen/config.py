@@ -59,7 +59,7 @@ class StageConfig:
 class SourceConfig:
     kind: str = "demo"
     path: str | None = None  # folder, or tar path / brace pattern
-    photos: bool = True  # demo: include scikit-image's bundled photos before the scenes
+    photos: bool = True  # demo: include scikit-image's bundled photos (one in every 8 items)
 
 
 @dataclass

@@ -80,12 +80,19 @@ def list_items(cfg: SourceConfig, limit: int) -> list[SourceRef]:
     return list(islice(iter_source(cfg), limit))
 
 
+DEMO_PHOTO_EVERY = 8  # demo: a photo, then 7 scenes, until the photos run out
+
+
 def _iter_demo(cfg: SourceConfig) -> Iterator[SourceRef]:
+    # Photos spread through the stream, not all first: every shard of `make dataset SHARDS=2`
+    # holds photos and scenes, and no batch waits on eight matting-model runs.
+    scenes = _iter_scenes("scene", "scene")
     if cfg.photos:
         for name, (filename, caption) in DEMO_PHOTOS.items():
             yield SourceRef(f"photo-{name}", f"skimage:{filename}",
                             {"kind": "skimage", "file": filename, "caption": caption})
-    yield from _iter_scenes("scene", "scene")
+            yield from islice(scenes, DEMO_PHOTO_EVERY - 1)
+    yield from scenes
 
 
 def _iter_scenes(prefix: str, kind: str) -> Iterator[SourceRef]:

@@ -105,17 +105,19 @@ def test_tar_source_with_brace_pattern_and_unsafe_members(tmp_path: Path):
 
 def test_demo_source_photos_and_scenes(tmp_path: Path):
     out = tmp_path / "out"
-    cfg = _config(out, shards=1, samples_per_shard=12)
+    cfg = _config(out, shards=2, samples_per_shard=8)
     run(cfg, engine="local", progress=False)
-    manifest = load_json(out / "manifests" / "000000.json")
-    keys = manifest["keys"] + [r["key"] for r in manifest["rejected"]]
-    assert sum(k.startswith("photo-") for k in keys) == 8 and sum(k.startswith("scene-") for k in keys) == 4
-    _, samples = read_shard(out / "shards" / "000000.tar")
-    for key, members in samples.items():
-        sample = read_sample(members, key=key)
-        if key.startswith("photo-"):  # sensible objects (the matting model's), not noise or fragments
-            for mask, layer in zip(sample.masks, sample.meta["layers"], strict=True):
-                assert is_one_object(mask), (key, layer["phrase"])
+    for shard in (0, 1):  # photos are spread through the stream: one, then seven scenes
+        manifest = load_json(out / "manifests" / f"{shard:06d}.json")
+        keys = sorted(manifest["keys"] + [r["key"] for r in manifest["rejected"]])
+        assert sum(k.startswith("photo-") for k in keys) == 1 and sum(k.startswith("scene-") for k in keys) == 7
+    for shard in ("000000", "000001"):
+        _, samples = read_shard(out / "shards" / f"{shard}.tar")
+        for key, members in samples.items():
+            sample = read_sample(members, key=key)
+            if key.startswith("photo-"):  # sensible objects (the matting model's), not noise or fragments
+                for mask, layer in zip(sample.masks, sample.meta["layers"], strict=True):
+                    assert is_one_object(mask), (key, layer["phrase"])
     assert validate_dataset(out).ok()
 
 
