@@ -129,8 +129,10 @@ def write_tar(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> tu
 
 
 def write_shard(out: Path, shard: int, items: list[Item], config_sha256: str,
-                stages: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """Write shard ``shard`` from its items (accepted and rejected, any order) and its manifest."""
+                stages: dict[str, Any], seconds: float, source_end: list[int] | None = None) -> dict[str, Any]:
+    """Write shard ``shard`` from its items (accepted and rejected, any order) and its manifest.
+    ``source_end``: where the shard's items end in the source's listing (``datagen.sources.
+    Position``), recorded so that a rerun lists the next shard from there."""
     items = sorted(items, key=lambda it: it.index)
     accepted = [it for it in items if it.ok and it.members is not None]
     final = tar_path(out, shard)
@@ -157,6 +159,8 @@ def write_shard(out: Path, shard: int, items: list[Item], config_sha256: str,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(seconds, 3),
     }
+    if source_end is not None:
+        manifest["source_end"] = source_end
     write_json_atomic(manifest_path(out, shard), manifest)
     return manifest
 
