@@ -1,17 +1,17 @@
 """The one sha256 helper: hash a file, or hash bytes as they stream through a reader or writer.
 
-Shard tars are hashed while they are written (:class:`HashingWriter`) and while they are
+Shard tars are hashed while they are written (:class:`ThreadedSha256`) and while they are
 validated (:class:`HashingReader`); checkpoints and shards at rest go through :func:`file_sha256`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 BLOCK = 1 << 20
 
@@ -39,70 +39,43 @@ class HashingReader:
         return self.sha.hexdigest()
 
 
-class HashingWriter(io.RawIOBase):
-    """A write-only file wrapper that hashes and counts what passes through it, so a writer
-    knows its file's sha256 without reading the file back.
+class ThreadedSha256:
+    """sha256 of buffers handed over in order, computed on a helper thread (hashlib releases the
+    GIL on large buffers) while the caller goes on, e.g. writing the same buffers to a file.
 
-    Writes are gathered into blocks of ``block`` bytes; each block is hashed on a helper thread
-    (hashlib releases the GIL) while the caller goes on producing the next one, so hashing costs
-    little wall time next to writing. Call :meth:`close` (or leave the ``with`` block) before
-    :meth:`hexdigest`.
+    The buffers are hashed as they are, not copied: they must not change until :meth:`hexdigest`
+    (which waits for the thread) returns.
     """
 
-    def __init__(self, f: IO[bytes], block: int = BLOCK) -> None:
-        super().__init__()
-        self._f, self._block, self.sha = f, block, hashlib.sha256()
-        self._buf: list[bytes] = []
-        self._buffered = 0
-        self._pending: Future[None] | None = None
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        # one worker runs the updates in the order they were submitted
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
-        self.bytes = 0
+        self._pending: list[Future[None]] = []
 
-    def writable(self) -> bool:
-        return True
+    def update(self, buffers: Sequence[bytes | memoryview]) -> None:
+        self._pending = [f for f in self._pending if not f.done() or f.exception()]
+        self._pending.append(self._pool.submit(self._update, buffers))
 
-    def tell(self) -> int:
-        return self.bytes
-
-    def write(self, data: Any) -> int:
-        n = len(data)
-        self._buf.append(bytes(data))
-        self._buffered += n
-        self.bytes += n
-        if self._buffered >= self._block:
-            self._flush_block()
-        return n
-
-    def _flush_block(self) -> None:
-        chunk, self._buf, self._buffered = b"".join(self._buf), [], 0
-        if self._pending is not None:
-            self._pending.result()  # blocks are hashed in order
-        self._pending = self._pool.submit(self.sha.update, chunk)
-        view = memoryview(chunk)
-        while view:  # a raw file may write less than asked (a disk filling up): the next write raises
-            n = self._f.write(view)
-            view = view[n if n is not None else len(view):]
-
-    def flush(self) -> None:
-        if self._buf:
-            self._flush_block()
-        if self._pending is not None:
-            self._pending.result()
-            self._pending = None
-        self._f.flush()
+    def _update(self, buffers: Sequence[bytes | memoryview]) -> None:
+        for buf in buffers:
+            self._sha.update(buf)
 
     def close(self) -> None:
-        if not self.closed:
-            try:
-                self.flush()
-            finally:
-                self._pool.shutdown()
-                super().close()
+        """Wait for the thread and stop it."""
+        self._pool.shutdown(wait=True)
 
     def hexdigest(self) -> str:
-        if self._buf or self._pending is not None:
-            raise RuntimeError("HashingWriter: flush() before hexdigest()")
-        return self.sha.hexdigest()
+        self.close()
+        for f in self._pending:
+            f.result()  # an update that failed fails the digest
+        return self._sha.hexdigest()
+
+    def __enter__(self) -> ThreadedSha256:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 _CACHE: dict[tuple[str, int, int, int], str] = {}

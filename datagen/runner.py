@@ -18,19 +18,19 @@ import re
 import time
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import groupby
+from itertools import chain, groupby, islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from datagen.config import ConfigError, PipelineConfig
+from datagen.config import ConfigError, PipelineConfig, SourceConfig
 from datagen.item import Item
 from datagen.registry import STAGES, get_backend
-from datagen.sources import list_items
+from datagen.sources import Position, SourceRef, iter_source_from
 from datagen.stages.base import Stage, StageContext, StageFault, limit_threads
 from datagen.writer import clean_temporaries, read_verified_manifest, shard_name, write_index, write_shard
 
@@ -57,30 +57,100 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def plan_items(cfg: PipelineConfig, out: Path, verify: bool = False) -> tuple[list[Item], dict[int, int], list[int]]:
-    """Items of the shards still to build, items expected per shard, and the shards already done
-    (trusted by size and mtime; ``verify`` re-hashes them)."""
-    p = cfg.samples_per_shard
-    refs = list_items(cfg.source, cfg.shards * p)
-    if not refs:
-        raise ConfigError(f"source {cfg.source.kind} {cfg.source.path or ''}: no items found")
-    keys = Counter(r.key for r in refs)
-    dup = [k for k, n in keys.items() if n > 1]
-    if dup:
-        raise ConfigError(f"source yields duplicate key {dup[0]!r}")
-    n_shards = math.ceil(len(refs) / p)
-    if n_shards < cfg.shards:
-        log.warning("source has %d items: %d shard(s) instead of %d", len(refs), n_shards, cfg.shards)
+class ShardPlanner:
+    """A source's items, listed a shard at a time when the shard is asked for: shard s takes
+    items [s*P, (s+1)*P) of the source's listing, and nothing past the shards asked for is read.
+
+    Shards are asked for in about increasing order; todo shards listed on the way to a later
+    one are kept until asked for. Where each shard starts is remembered, and done shards
+    tell where they ended (their manifest's ``source_end``), so the shards after done ones,
+    or one asked for again (a retried Ray read), are listed from there: the tars before are
+    not opened.
+    """
+
+    def __init__(self, source: SourceConfig, samples_per_shard: int, todo: Iterable[int],
+                 starts: dict[int, Position | None] | None = None) -> None:
+        self.source, self.p, self.todo = source, samples_per_shard, set(todo)
+        self.starts: dict[int, Position | None] = {0: None, **(starts or {})}
+        self.sizes: dict[int, int] = {}  # items of each shard listed so far
+        self._ahead: dict[int, list[Item]] = {}
+        self._cursor: Iterator[tuple[SourceRef, Position]] | None = None
+        self._at = 0  # the shard whose first item the cursor gives next
+
+    def items(self, shard: int) -> list[Item]:
+        """The items of ``shard`` ([] past the source's end)."""
+        if shard in self._ahead:
+            return self._ahead.pop(shard)
+        begin = max(s for s in self.starts if s <= shard)
+        if self._cursor is None or not begin <= self._at <= shard:
+            self._cursor, self._at = iter_source_from(self.source, self.starts[begin]), begin
+        while True:
+            s, chunk = self._at, list(islice(self._cursor, self.p))
+            self._at += 1
+            if chunk:
+                self.starts[self._at] = chunk[-1][1]
+            items = [Item(key=r.key, shard=s, index=i, uri=r.uri, source=r.descriptor)
+                     for i, (r, _) in enumerate(chunk)]
+            self.sizes[s] = len(items)
+            if s == shard:
+                return items
+            if s in self.todo and items:
+                self._ahead[s] = items
+
+    def info(self, shard: int) -> tuple[int, Position | None]:
+        """A listed shard's item count and the source position after its last item."""
+        return self.sizes[shard], self.starts.get(shard + 1)
+
+    def listed(self) -> dict[int, int]:
+        return dict(self.sizes)
+
+
+@dataclass
+class Plan:
+    """The shards still to build (listed lazily by ``planner``), the done ones and their items."""
+
+    todo: list[int]
+    done: list[int]
+    done_items: int
+    planner: ShardPlanner
+
+    def shards(self) -> Iterator[list[Item]]:
+        """Each todo shard's items, listed as the stream needs them, until the source ends."""
+        for s in self.todo:
+            items = self.planner.items(s)
+            if not items:
+                return
+            yield items
+
+
+def plan_shards(cfg: PipelineConfig, out: Path, verify: bool = False) -> Plan:
+    """Which shards are done (trusted by size and mtime; ``verify`` re-hashes them) and a lazy
+    planner for the others; the source is not listed here."""
     sha = cfg.sha256()
-    done = [s for s in range(n_shards) if read_verified_manifest(out, s, sha, verify, refresh=True) is not None]
-    items, expected = [], {}
-    for s in range(n_shards):
-        if s in done:
+    todo, done, done_items, starts = [], [], 0, {}
+    for s in range(cfg.shards):
+        manifest = read_verified_manifest(out, s, sha, verify, refresh=True)
+        if manifest is None:
+            todo.append(s)
             continue
-        chunk = refs[s * p:(s + 1) * p]
-        expected[s] = len(chunk)
-        items += [Item(key=r.key, shard=s, index=i, uri=r.uri, source=r.descriptor) for i, r in enumerate(chunk)]
-    return items, expected, done
+        done.append(s)
+        done_items += manifest["samples"] + len(manifest["rejected"])
+        end = manifest.get("source_end")
+        if isinstance(end, list) and len(end) == (2 if cfg.source.kind == "tars" else 1) and \
+                all(isinstance(v, int) and v >= 0 for v in end):
+            starts[s + 1] = end
+    return Plan(todo, done, done_items, ShardPlanner(cfg.source, cfg.samples_per_shard, todo, starts))
+
+
+def warn_if_short(cfg: PipelineConfig, plan: Plan, listed: dict[int, int]) -> None:
+    """The "source has N items: M shards instead of K" warning, once the listing has found the
+    source's end (a shard short of samples_per_shard)."""
+    if not any(n < cfg.samples_per_shard for n in listed.values()):
+        return
+    items = plan.done_items + sum(listed.values())
+    shards = len(plan.done) + sum(1 for n in listed.values() if n)
+    if shards < cfg.shards:
+        log.warning("source has %d items: %d shard(s) instead of %d", items, shards, cfg.shards)
 
 
 def check_output(cfg: PipelineConfig, out: Path) -> None:
@@ -306,29 +376,47 @@ def run(cfg: PipelineConfig, engine: str = "auto", progress: bool = True, verify
         raise PipelineError(f"output {out} ({describe_disk(out)}) is not writable: {err}") from err
     check_output(cfg, out)
     clean_temporaries(out)
-    items, expected, done = plan_items(cfg, out, verify=verify)
-    summary = RunSummary(shards_skipped=done)
+    plan = plan_shards(cfg, out, verify=verify)
+    summary = RunSummary(shards_skipped=plan.done)
     sha, stages = cfg.sha256(), cfg.stage_identities()
     failed: dict[int, str] = {}
-    if items:
+    shards = plan.shards()
+    first: list[list[Item]] = []  # the first shard (is there work?), or enough to choose the engine
+    ended = False
+    while not ended and (not first or engine == "auto" and sum(map(len, first)) <= LOCAL_MAX_ITEMS):
+        shard_items = next(shards, None)
+        ended = shard_items is None
+        if shard_items is not None:
+            first.append(shard_items)
+    if not first and not plan.done:
+        raise ConfigError(f"source {cfg.source.kind} {cfg.source.path or ''}: no items found")
+    if first:
+        planned = sum(map(len, first)) if ended else len(plan.todo) * cfg.samples_per_shard
         if engine == "auto":
-            engine, why = choose_engine(cfg, len(items))
+            engine, why = choose_engine(cfg, planned)
             log.info("engine %s: %s", engine, why)
         try:
             started_ray = engine == "ray" and init_ray(cfg)
         except Exception as err:  # noqa: BLE001 - Ray's start-up raises bare Exceptions
             raise PipelineError(f"Ray could not start: {type(err).__name__}: {err}") from err
         stats = stats if stats is not None else StageStats()
-        stream = run_ray(cfg, items, stats) if engine == "ray" else run_local(cfg, items, stats)
+        pending = chain.from_iterable(chain(first, shards))
+        if engine == "ray":
+            # Ray Data takes its input as a list: the rest of the run is listed now (still from
+            # where the done shards ended); the loop below lists a shard as it needs it
+            stream = run_ray(cfg, list(pending), stats)
+        else:
+            stream = run_local(cfg, pending, stats)
         try:
-            failed = _write_as_completed(out, stream, expected, sha, stages, summary, progress, len(items),
-                                         cfg.max_rejection_rate, stats)
+            failed = _write_as_completed(out, stream, plan.planner.info, sha, stages, summary, progress,
+                                         planned, cfg.max_rejection_rate, stats)
         finally:
             stream.close()  # stop the stages now: a failing run must end, not wait on a stream
             if started_ray:
                 import ray
 
                 ray.shutdown()
+    warn_if_short(cfg, plan, plan.planner.listed())
     summary.index = write_index(out, cfg.to_dict(), sha)
     summary.seconds = time.time() - t0
     if failed:
@@ -359,11 +447,13 @@ def describe_disk(path: Path) -> str:
     return f"filesystem mounted at {mount}{free}"
 
 
-def _write_as_completed(out: Path, stream: Iterable[Item], expected: dict[int, int], sha: str,
-                        stages: dict[str, Any], summary: RunSummary, progress: bool, total: int,
+def _write_as_completed(out: Path, stream: Iterable[Item], info: Callable[[int], tuple[int, Position | None]],
+                        sha: str, stages: dict[str, Any], summary: RunSummary, progress: bool, total: int,
                         max_rejection_rate: float, stats: StageStats) -> dict[int, str]:
-    """Write each shard as its last item arrives; the shards that failed their rejection ceiling."""
+    """Write each shard as its last item arrives (``info``: a listed shard's item count and where
+    its items end in the source); the shards that failed their rejection ceiling."""
     buckets: dict[int, list[Item]] = defaultdict(list)
+    expected: dict[int, tuple[int, Position | None]] = {}
     failed: dict[int, str] = {}
     started = time.time()
     bar = tqdm(total=total, unit="img", desc="items", disable=not progress, dynamic_ncols=True)
@@ -373,9 +463,12 @@ def _write_as_completed(out: Path, stream: Iterable[Item], expected: dict[int, i
         stats.items += 1
         if not item.ok:
             summary.rejected[(item.rejected["stage"], _reason_class(item.rejected["reason"]))] += 1
-        if len(buckets[item.shard]) < expected[item.shard]:
+        if item.shard not in expected:
+            expected[item.shard] = info(item.shard)
+        if len(buckets[item.shard]) < expected[item.shard][0]:
             continue
         shard_items = buckets.pop(item.shard)
+        source_end = expected.pop(item.shard)[1]
         rejected = Counter(_reason_class(it.rejected["reason"]) for it in shard_items if not it.ok)
         rate = sum(rejected.values()) / len(shard_items)
         if rate > max_rejection_rate:
@@ -385,16 +478,16 @@ def _write_as_completed(out: Path, stream: Iterable[Item], expected: dict[int, i
             log.error("shard %s: %s", shard_name(item.shard), failed[item.shard])
             continue
         try:
-            manifest = write_shard(out, item.shard, shard_items, sha, stages, time.time() - started)
+            manifest = write_shard(out, item.shard, shard_items, sha, stages, time.time() - started, source_end)
         except OSError as err:
             raise PipelineError(f"shard {shard_name(item.shard)}: writing to {out} failed "
                                 f"({describe_disk(out)}): {type(err).__name__}: {err}") from err
         summary.shards_written.append(item.shard)
         summary.samples += manifest["samples"]
-        bar.set_postfix(shards=f"{len(summary.shards_written)}/{len(expected)}")
+        bar.set_postfix(shards=len(summary.shards_written))
     bar.close()
     if buckets:
-        missing = {shard_name(s): expected[s] - len(v) for s, v in buckets.items()}
+        missing = {shard_name(s): expected[s][0] - len(v) for s, v in buckets.items()}
         raise PipelineError(f"stream ended with incomplete shards (missing items per shard: {missing})")
     return failed
 

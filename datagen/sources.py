@@ -27,7 +27,7 @@ from itertools import islice
 from pathlib import Path
 from typing import IO, Any
 
-from datagen.config import SourceConfig
+from datagen.config import ConfigError, SourceConfig
 from datagen.format import group_tar_members
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -78,6 +78,52 @@ def iter_source(cfg: SourceConfig) -> Iterator[SourceRef]:
 def list_items(cfg: SourceConfig, limit: int) -> list[SourceRef]:
     """The first ``limit`` items of a source."""
     return list(islice(iter_source(cfg), limit))
+
+
+# Where a listing stands: [tar number in the pattern, items listed from that tar] for a tar
+# source, [items listed] for the others. JSON-able: a shard manifest records where its items end.
+Position = list[int]
+
+
+def iter_source_from(cfg: SourceConfig, start: Position | None = None) -> Iterator[tuple[SourceRef, Position]]:
+    """The items of a source in order from ``start`` (a position this function gave; None: the
+    beginning), each with the position just after it. From a tar position, the tars before it
+    are not opened and only the headers of the skipped items of its tar are read."""
+    if cfg.kind != "tars":
+        n = start[0] if start else 0
+        for ref in islice(iter_source(cfg), n, None):
+            n += 1
+            yield ref, [n]
+        return
+    urls = tar_urls(cfg.path or "")
+    first, skip = start or (0, 0)
+    for t in range(first, len(urls)):
+        refs = _iter_tar(urls[t])
+        ref, m = next(refs, None), 0
+        while ref is not None:
+            following, m = next(refs, None), m + 1
+            if t > first or m > skip:
+                # after a tar's last item the position is the next tar's start: a listing that
+                # resumes there does not open this tar again
+                yield ref, [t, m] if following is not None else [t + 1, 0]
+            ref = following
+
+
+def tar_urls(pattern: str) -> list[str]:
+    """The tars of a brace pattern, refused when two share a name (``a/00000.tar`` and
+    ``b/00000.tar``): item keys derive from the tar's name, so their items would collide."""
+    urls = expand_braces(pattern)
+    seen: dict[str, str] = {}
+    for url in urls:
+        stem = _tar_stem(url)
+        if stem in seen:
+            raise ConfigError(f"tars {seen[stem]} and {url} share the name {stem!r}: their items' keys would collide")
+        seen[stem] = url
+    return urls
+
+
+def _tar_stem(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0]
 
 
 DEMO_PHOTO_EVERY = 8  # demo: a photo, then 7 scenes, until the photos run out
@@ -171,14 +217,14 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def _iter_tars(pattern: str) -> Iterator[SourceRef]:
-    for url in expand_braces(pattern):
+    for url in tar_urls(pattern):
         yield from _iter_tar(url)
 
 
 def _iter_tar(url: str) -> Iterator[SourceRef]:
     """The items of one tar, listed lazily (a listing that needs only the first shard reads only
     its headers): each member's header is read and its data skipped (a seek), never read."""
-    stem = url.rstrip("/").rsplit("/", 1)[-1].split(".", 1)[0]
+    stem = _tar_stem(url)
     listed = 0
     try:
         with open_uncompressed(url) as f, tarfile.open(fileobj=f, mode="r:") as tf:

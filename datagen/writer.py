@@ -9,18 +9,18 @@ tar without reading it again (``verify=True`` re-hashes).
 
 from __future__ import annotations
 
-import io
+import errno
 import json
 import os
 import tarfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from datagen.format import DATASET_SCHEMA, SHARD_SCHEMA
-from datagen.hashing import HashingWriter, file_sha256
+from datagen.hashing import ThreadedSha256, file_sha256
 from datagen.item import Item
 
 TAR_MTIME = 0  # fixed member metadata: the same samples give byte-identical tars
@@ -47,26 +47,92 @@ def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def tar_buffers(samples: Iterable[tuple[str, dict[str, bytes]]]) -> Iterator[bytes | memoryview]:
+    """The bytes ``tarfile`` writes for these members (``USTAR_FORMAT``, ``addfile`` in order,
+    then ``close``), as a sequence of buffers: each member's header, its data (the caller's
+    object, not copied) and zero padding to a block, then two zero blocks and zero padding to a
+    record. Framing it here lets :func:`write_tar` hand the buffers to the kernel in few calls."""
+    offset = 0
+    for key, members in samples:
+        for suffix, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{suffix}")
+            info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
+            header = info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+            pad = -len(data) % tarfile.BLOCKSIZE
+            yield header
+            if data:
+                yield data
+            if pad:
+                yield _ZEROS[:pad]
+            offset += len(header) + len(data) + pad
+    end = 2 * tarfile.BLOCKSIZE
+    end += -(offset + end) % tarfile.RECORDSIZE
+    yield _ZEROS[:end]
+
+
+_ZEROS = memoryview(bytes(tarfile.RECORDSIZE + 2 * tarfile.BLOCKSIZE))
+WRITE_BYTES = 1 << 20  # buffers gathered into one writev call up to about this many bytes ...
+WRITE_BUFFERS = min(512, os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 16)  # ... or this many
+# Ask the kernel to start writing a shard to disk every this many bytes, so that the final fsync
+# waits only for the tail instead of the whole shard.
+WRITEBACK_BYTES = 8 << 20
+
+
+def _writev(fd: int, buffers: list[bytes | memoryview]) -> None:
+    """Write every buffer, in order; a short write (a disk filling up) continues, and the next
+    write raises."""
+    while buffers:
+        n = os.writev(fd, buffers)
+        if n == 0:
+            raise OSError(errno.EIO, "write made no progress")
+        while buffers and n >= len(buffers[0]):
+            n -= len(buffers[0])
+            buffers = buffers[1:]
+        if n:
+            buffers = [memoryview(buffers[0])[n:], *buffers[1:]]
+
+
+def _batches(buffers: Iterable[bytes | memoryview]) -> Iterator[tuple[list[bytes | memoryview], int]]:
+    """Consecutive buffers gathered into lists of about WRITE_BYTES (at most WRITE_BUFFERS
+    buffers), each with its byte count: one writev call each."""
+    batch: list[bytes | memoryview] = []
+    batched = 0
+    for buf in buffers:
+        batch.append(buf)
+        batched += len(buf)
+        if batched >= WRITE_BYTES or len(batch) >= WRITE_BUFFERS:
+            yield batch, batched
+            batch, batched = [], 0
+    if batch:
+        yield batch, batched
+
+
 def write_tar(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]]) -> tuple[str, int]:
     """Write samples (key, suffix -> bytes) to ``path`` as a tar, members contiguous in the order
-    given, hashing while writing, and flush it to disk; returns the tar's (sha256, size in bytes)."""
-    with open(path, "wb", buffering=0) as raw, HashingWriter(raw) as hashing:
-        with tarfile.open(fileobj=hashing, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-            for key, members in samples:
-                for suffix, data in members.items():
-                    info = tarfile.TarInfo(f"{key}.{suffix}")
-                    info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o644
-                    tf.addfile(info, io.BytesIO(data))
-        hashing.flush()
-        os.fsync(raw.fileno())
-    if path.stat().st_size != hashing.bytes:  # the temporary file was replaced or truncated meanwhile
-        raise OSError(f"{path} holds {path.stat().st_size} bytes, {hashing.bytes} were written")
-    return hashing.hexdigest(), hashing.bytes
+    given, byte-identical to ``tarfile`` (:func:`tar_buffers`), hashing while writing, and flush it
+    to disk; returns the tar's (sha256, size in bytes)."""
+    size = started = 0  # bytes written; bytes whose writeback was started
+    with open(path, "wb", buffering=0) as raw, ThreadedSha256() as sha:
+        fd = raw.fileno()
+        for batch, batched in _batches(tar_buffers(samples)):
+            sha.update(batch)  # hashed on a second core while this one writes
+            _writev(fd, batch)
+            size += batched
+            if size - started >= WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
+                # On Linux this starts writing the range back to disk (dirty pages stay cached).
+                os.posix_fadvise(fd, started, size - started, os.POSIX_FADV_DONTNEED)
+                started = size
+        os.fsync(fd)
+    if path.stat().st_size != size:  # the temporary file was replaced or truncated meanwhile
+        raise OSError(f"{path} holds {path.stat().st_size} bytes, {size} were written")
+    return sha.hexdigest(), size
 
 
 def write_shard(out: Path, shard: int, items: list[Item], config_sha256: str,
-                stages: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """Write shard ``shard`` from its items (accepted and rejected, any order) and its manifest."""
+                stages: dict[str, Any], seconds: float, source_end: list[int] | None = None) -> dict[str, Any]:
+    """Write shard ``shard`` from its items (accepted and rejected, any order) and its manifest.
+    ``source_end``: where the shard's items end in the source's listing (``datagen.sources.
+    Position``), recorded so that a rerun lists the next shard from there."""
     items = sorted(items, key=lambda it: it.index)
     accepted = [it for it in items if it.ok and it.members is not None]
     final = tar_path(out, shard)
@@ -93,6 +159,8 @@ def write_shard(out: Path, shard: int, items: list[Item], config_sha256: str,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "seconds": round(seconds, 3),
     }
+    if source_end is not None:
+        manifest["source_end"] = source_end
     write_json_atomic(manifest_path(out, shard), manifest)
     return manifest
 
