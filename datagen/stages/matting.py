@@ -36,7 +36,7 @@ from datagen.item import MATTE, Detection, Item
 from datagen.phrases import PALETTE, colour_of, nearest_colour, phrase_leads, with_article
 from datagen.registry import register
 from datagen.stages.base import StageContext, file_sha256
-from datagen.stages.classical import ContrastGround, ContrastParams, _box
+from datagen.stages.classical import ContrastGround, ContrastParams, _box, drop_unnamed
 
 # Head nouns of settings, not objects: a region is never named after one.
 SETTING_NOUNS = frozenset("""
@@ -285,6 +285,7 @@ class MatteGround(ContrastGround):
                 if _parts_of_one(item.detections, alpha >= p.alpha_floor):
                     agreement = 0.0  # colour rings of one salient object (a cell and its halo)
                 if agreement >= p.min_agreement or not dets:
+                    drop_unnamed(item)  # the caption's count, as the contrast grounder keeps it
                     continue  # the matte agrees with the colour model's objects (or has none): keep them
             if reason:
                 item.reject(self.stage, reason)
