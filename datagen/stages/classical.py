@@ -420,6 +420,16 @@ def drop_unnamed(item: Item) -> None:
         item.detections = [d for d in item.detections if d.phrase in named]
 
 
+def caption_confirms(item: Item) -> bool:
+    """Whether the caption confirms the colour model's objects: it counts two or more objects,
+    each with a colour word, and each names one of them (extra clusters aside). Captions of
+    photos rarely colour every object; a matting model then has nothing to add."""
+    named = {d.phrase for d in item.detections} & set(item.phrases)
+    return (len(item.phrases) >= 2 and len(named) == len(item.phrases)
+            and all(colour_of(ph) is not None for ph in item.phrases)
+            and _counted(item.caption, item.phrases))
+
+
 def _caption_regions(image: np.ndarray, phrases: list[str],
                      p: ContrastParams) -> list[tuple[np.ndarray, str]]:
     """Objects named by the caption's colour words on a textured background: (mask, phrase) each.
