@@ -9,8 +9,10 @@
   (``datagen.phrases.COLOUR_REGIONS``), not paint values; outlines follow half coverage of
   anti-aliased edges; blurred edges (JPEG ringing and chroma bleed,
   resampling: thin bands of colours mixing an object's and its neighbour's) join their object
-  instead of becoming objects. When the candidates are not a few compact objects (typical of
-  photos) it falls back to one object, the most distinct region.
+  instead of becoming objects. On a textured (photo) background the caption's colour words give
+  regions, and the compact ones set off by a colour step are the objects (``caption_regions``).
+  When the candidates are not a few compact objects (typical of photos) it falls back to one
+  object, the most distinct region.
 - segment ``grabcut``: OpenCV GrabCut from each box, seeded with the candidate mask.
 - inpaint ``opencv``: fills the union of the masks grown by a few pixels, choosing per hole the
   fill (Telea, Navier-Stokes, a smooth polynomial, a copy of the repeating pattern) that best
