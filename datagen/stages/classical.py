@@ -9,8 +9,10 @@
   (``datagen.phrases.COLOUR_REGIONS``), not paint values; outlines follow half coverage of
   anti-aliased edges; blurred edges (JPEG ringing and chroma bleed,
   resampling: thin bands of colours mixing an object's and its neighbour's) join their object
-  instead of becoming objects. When the candidates are not a few compact objects (typical of
-  photos) it falls back to one object, the most distinct region.
+  instead of becoming objects. On a textured (photo) background the caption's colour words give
+  regions, and the compact ones set off by a colour step are the objects (``caption_regions``).
+  When the candidates are not a few compact objects (typical of photos) it falls back to one
+  object, the most distinct region.
 - segment ``grabcut``: OpenCV GrabCut from each box, seeded with the candidate mask.
 - inpaint ``opencv``: fills the union of the masks grown by a few pixels, choosing per hole the
   fill (Telea, Navier-Stokes, a smooth polynomial, a copy of the repeating pattern) that best
@@ -29,6 +31,7 @@ occlusion cues, and sorts its detections by it.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import cv2
@@ -162,6 +165,16 @@ class ContrastParams:
     split_edge_jump: float = 0.35  # ... and neighbours across it differ by this share of the gap
     split_depth: int = 2  # at most 2**depth objects from one cluster
     max_colour_misfit: float = 4.0  # a caption colour word names an object up to this misfit
+    # Textured backgrounds (a photo behind flat-ish objects): when the border colour model finds
+    # no compact objects for every phrase, each caption colour word's pixels (median-filtered,
+    # by the closest word of the caption) form regions; a region is an object when it is compact
+    # and set off from its surroundings by a colour step (see _caption_regions).
+    caption_regions: bool = True
+    region_median_px: int = 5  # median filter before the colour words are read (texture specks)
+    region_max_share: float = 0.5  # a larger region is background of that colour, not an object
+    region_max_roughness: float = 1.35  # compact: contour / hull perimeter (a 5-point star ~1.25)
+    region_min_separation: float = 0.5  # share of the ring 3-6 px outside that differs from the
+    # region's edge colour by a step (Lab distance above 15 and twice the edge's own spread)
 
 
 class BorderModel:
@@ -394,6 +407,94 @@ def _extends(before: list[Detection], after: list[Detection], border_frac: float
     return len(new) > len(old) or not old
 
 
+def _counted(caption: str, phrases: list[str]) -> bool:
+    """Whether the caption names each object once: every phrase's head noun occurs in it in the
+    singular ("a red star and a blue square"; not "two red stars" or "coins")."""
+    words = set(re.findall(r"[a-z]+", caption.lower()))
+    return all(ph.split()[-1] in words for ph in phrases)
+
+
+def drop_unnamed(item: Item) -> None:
+    """Objects the caption does not name are dropped once every phrase names one, where the
+    caption counts its objects (:func:`_counted`): extra colour clusters are texture or shadow."""
+    named = {d.phrase for d in item.detections} & set(item.phrases)
+    if item.phrases and len(named) == len(item.phrases) and _counted(item.caption, item.phrases):
+        item.detections = [d for d in item.detections if d.phrase in named]
+
+
+def caption_confirms(item: Item) -> bool:
+    """Whether the caption confirms the colour model's objects: it counts two or more objects,
+    each with a colour word, and each names one of them (extra clusters aside). Captions of
+    photos rarely colour every object; a matting model then has nothing to add."""
+    named = {d.phrase for d in item.detections} & set(item.phrases)
+    return (len(item.phrases) >= 2 and len(named) == len(item.phrases)
+            and all(colour_of(ph) is not None for ph in item.phrases)
+            and _counted(item.caption, item.phrases))
+
+
+def _caption_regions(image: np.ndarray, phrases: list[str],
+                     p: ContrastParams) -> list[tuple[np.ndarray, str]]:
+    """Objects named by the caption's colour words on a textured background: (mask, phrase) each.
+
+    Every pixel of the median-filtered image goes to the caption colour word that fits it best
+    (:func:`colour_fit`; none when no word fits). Each word's connected regions are candidates;
+    an object is a compact one (``region_max_roughness``, at most ``region_max_share`` of the
+    image) that stands out from its surroundings: most of a ring 3-6 px outside it differs from
+    the colour just inside its edge by a step (texture of the same colour family ends in a ramp,
+    not a step). Per word, as many regions as the caption has phrases of that colour, the most
+    separated and flattest first. Every phrase must have a colour word; else nothing.
+    """
+    coloured = [(ph, colour_of(ph)) for ph in phrases]
+    if not coloured or any(c is None for _ph, c in coloured):
+        return []
+    h, w = image.shape[:2]
+    words = sorted({c for _ph, c in coloured if c is not None})
+    k = p.region_median_px | 1
+    smooth = cv2.medianBlur(image, k) if k > 1 else image
+    fits = colour_fit(smooth.reshape(-1, 3))
+    misfit = np.stack([fits[word].reshape(h, w) for word in words])
+    owner, best = misfit.argmin(0), misfit.min(0)
+    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB).astype(np.float32)
+    min_area = max(p.min_part_px, int(p.min_object_share * h * w))
+    out: list[tuple[np.ndarray, str]] = []
+    for i, word in enumerate(words):
+        m = ((owner == i) & (best < COLOUR_FIT_MAX)).astype(np.uint8)
+        m = cv2.morphologyEx(m, cv2.MORPH_OPEN, _disk(2))  # threads of texture between regions
+        n, comps, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+        scored = []
+        for j in range(1, n):
+            area = int(stats[j, cv2.CC_STAT_AREA])
+            if area < min_area or area > p.region_max_share * h * w:
+                continue
+            x, y, bw, bh = (int(v) for v in stats[j, :4])
+            pad = 8
+            y0, x0, y1, x1 = max(0, y - pad), max(0, x - pad), min(h, y + bh + pad), min(w, x + bw + pad)
+            c = ndimage.binary_fill_holes(comps[y0:y1, x0:x1] == j)
+            if _roughness(c) > p.region_max_roughness:
+                continue
+            inside = cv2.distanceTransform(c.astype(np.uint8), cv2.DIST_L2, 3)
+            outside = cv2.distanceTransform((~c).astype(np.uint8), cv2.DIST_L2, 3)
+            ring, edge = (outside >= 3) & (outside <= 6), (inside >= 2) & (inside <= 5)
+            if not edge.any():
+                edge = c
+            crop = lab[y0:y1, x0:x1]
+            ref = np.median(crop[edge], 0)
+            spread = float(np.percentile(np.linalg.norm(crop[edge] - ref, axis=1), 90))
+            step = np.linalg.norm(crop[ring] - ref, axis=1) > max(15.0, 2.0 * spread)
+            separation = float(step.mean()) if ring.any() else 0.0
+            if separation < p.region_min_separation:
+                continue
+            core = inside >= 3
+            flat = float(crop[core][:, 1:].std(0).mean()) if core.sum() > 10 else 0.0
+            full = np.zeros((h, w), bool)
+            full[y0:y1, x0:x1] = c
+            scored.append((separation - 0.03 * flat, full))
+        scored.sort(key=lambda t: -t[0])
+        names = [ph for ph, c in coloured if c == word]
+        out += [(mask, ph) for (_s, mask), ph in zip(scored, names, strict=False)]
+    return out
+
+
 @register
 class ContrastGround(Stage):
     """Foreground candidates far from the border's colours, split into objects by colour."""
@@ -410,6 +511,8 @@ class ContrastGround(Stage):
         rest = self.compact(item)
         if rest is not None:
             self.photo(item, *rest)
+        else:
+            drop_unnamed(item)
 
     def compact(self, item: Item) -> tuple[np.ndarray, float] | None:
         """The flat-scene path: a few compact objects off the border's colours become detections
@@ -442,11 +545,13 @@ class ContrastGround(Stage):
                         not plain or _extends(before, item.detections, p.border_frac)):
                     item.quality["candidate_share"] = round(c_share, 4)
                     item.quality["ground_mode"] = "colour-border"
+                    self._regions_if_better(item)
                     return None
                 item.detections = before
                 if plain:
                     item.quality["ground_mode"] = "colour"
         if plain:
+            self._regions_if_better(item)
             return None
         # Second try: colours the caption gives to objects are not background, even where an
         # object crosses the border ("a black horse on a white background"). Only a compact
@@ -460,7 +565,71 @@ class ContrastGround(Stage):
             if self._emit_compact(item, guided, g_cand, float(g_cand.mean())):
                 item.quality["ground_mode"] = "colour-caption"
                 return None
+        if self._emit_regions(item):
+            return None
         return dist, share
+
+    def _regions_if_better(self, item: Item) -> None:
+        """The colour model's objects leave caption phrases unnamed: the caption's colour regions
+        (:func:`_caption_regions`) for those phrases join them where they overlap none."""
+        p: ContrastParams = self.params
+        named = {d.phrase for d in item.detections} & set(item.phrases)
+        if not p.caption_regions or not item.phrases:
+            return
+        if len(named) == len(item.phrases):
+            return
+        taken = np.zeros(item.image.shape[:2], bool)
+        for d in item.detections:
+            taken |= d.mask > 0
+        added = []
+        for det in self._regions(item):
+            m = det.mask > 0
+            if det.phrase not in named and (m & taken).sum() < 0.2 * m.sum():
+                added.append(det)
+                named.add(det.phrase)
+                taken |= m
+        if not added:
+            return
+        dets = item.detections + added
+        for d, rank in zip(dets, _depth_order([d.mask > 0 for d in dets]), strict=True):
+            d.extra["depth"] = rank
+        item.detections = sorted(dets, key=lambda d: d.extra["depth"])
+        item.quality["ground_mode"] = "colour+regions"
+
+    def _emit_regions(self, item: Item) -> bool:
+        """Objects from the caption's colour words on a textured background: True if found."""
+        dets = self._regions(item)
+        if not dets:
+            return False
+        item.detections = dets
+        item.quality["ground_mode"] = "colour-regions"
+        return True
+
+    def _regions(self, item: Item) -> list[Detection]:
+        """Detections of :func:`_caption_regions`, edges at half coverage, back to front."""
+        p: ContrastParams = self.params
+        if not p.caption_regions:
+            return []
+        found = _caption_regions(item.image, item.phrases, p)
+        if not found:
+            return []
+        masks = [m for m, _ph in found]
+        halos = [0] * len(masks)
+        if p.edge_alpha:
+            # No background colour model here: every pixel may be an edge mix (huge distance).
+            far = np.full(masks[0].shape, 1e3, np.float32)
+            masks, halos = self._edge_alpha(item.image, far, masks)
+            if not all(m.any() for m in masks):
+                return []
+        ranks = _depth_order(masks)
+        dets = []
+        for mask, (_m, phrase), rank, halo in zip(masks, found, ranks, halos, strict=True):
+            extra = {"candidate": EXACT, "depth": rank, "colour": colour_of(phrase) or ""}
+            if halo:
+                extra["halo_px"] = halo
+            dets.append(Detection(phrase=phrase, box=_box(mask), score=1.0, mask=_u8(mask),
+                                  caption=with_article(phrase), extra=extra))
+        return sorted(dets, key=lambda d: d.extra["depth"])
 
     def photo(self, item: Item, dist: np.ndarray, share: float) -> None:
         """The photo fallback: one object, the most distinct region (GrabCut refines it)."""

@@ -36,7 +36,7 @@ from datagen.item import MATTE, Detection, Item
 from datagen.phrases import PALETTE, colour_of, nearest_colour, phrase_leads, with_article
 from datagen.registry import register
 from datagen.stages.base import StageContext, file_sha256
-from datagen.stages.classical import ContrastGround, ContrastParams, _box
+from datagen.stages.classical import ContrastGround, ContrastParams, _box, caption_confirms, drop_unnamed
 
 # Head nouns of settings, not objects: a region is never named after one.
 SETTING_NOUNS = frozenset("""
@@ -266,6 +266,8 @@ class MatteGround(ContrastGround):
         for it in items:
             if not p.classical_first or self.compact(it) is not None:
                 photos.append(it)
+            elif caption_confirms(it):
+                drop_unnamed(it)  # several coloured objects, each named: a flat-object scene
             elif it.phrases and any(d.phrase not in it.phrases for d in it.detections):
                 # objects the caption does not name: the colour model may have cut texture,
                 # shading or rings of one object into objects (a photo, not a flat scene)
@@ -285,6 +287,7 @@ class MatteGround(ContrastGround):
                 if _parts_of_one(item.detections, alpha >= p.alpha_floor):
                     agreement = 0.0  # colour rings of one salient object (a cell and its halo)
                 if agreement >= p.min_agreement or not dets:
+                    drop_unnamed(item)  # the caption's count, as the contrast grounder keeps it
                     continue  # the matte agrees with the colour model's objects (or has none): keep them
             if reason:
                 item.reject(self.stage, reason)

@@ -252,3 +252,19 @@ def test_colour_objects_the_caption_does_not_name_are_checked_against_the_matte(
     assert checked.ok and checked.quality["matte_agreement"] < 0.5
     assert checked.quality["ground_mode"] == "matte"
     assert [d.phrase for d in checked.detections] == ["white plate"]
+
+
+def test_a_caption_naming_every_coloured_object_confirms_the_colour_model(
+        tiny_models: dict[str, Path]) -> None:
+    """Two or more objects, each named by its colour in a caption that counts them: the colour
+    model's objects stand without the matte (which would overrule them with its salient blobs),
+    and its unnamed extra cluster is dropped."""
+    model = str(tiny_models["free"])
+    image = photo([(30, 30, 12, (250, 250, 250)), (62, 62, 26, (20, 30, 160)), (100, 30, 10, (220, 40, 40))])
+    item = ground(model, image, "a white circle and a blue circle", classical_first=True)
+    assert item.ok and item.quality["ground_mode"].startswith("colour")
+    assert "matte_agreement" not in item.quality
+    assert sorted(d.phrase for d in item.detections) == ["blue circle", "white circle"]
+    # one object only: no confirmation, the matte is asked as before
+    single = ground(model, image, "a white circle", classical_first=True)
+    assert "matte_agreement" in single.quality
