@@ -108,6 +108,18 @@ STOP_NOUNS = frozenset("""
     thing something stuff it that this there one
 """.split())
 
+# Head nouns of settings, not objects: "a clock on a grey wall" is a clock in front of its background.
+SETTING_NOUNS = frozenset("""
+    floor ground table desk counter countertop shelf sky grass lawn field meadow road street
+    pavement sidewalk wall water sea ocean lake river beach sand snow room garage kitchen yard
+    garden park forest mountain hill city space pad stage runway track court carpet rug tablecloth
+    surface landscape horizon cloud clouds
+""".split())
+# Words that place the subject in (on, against, ...) a setting; "of" and "with" do not.
+_PLACE_LEADS = frozenset("""
+    on in at against over above under below beneath behind across along through inside near by upon
+""".split())
+
 _DETERMINERS = frozenset("""
     a an the some any this that these those its their his her my our your each every another
     several many few lots lot of one two three four five six seven eight nine ten dozen
@@ -234,6 +246,11 @@ def _clean(run: list[str]) -> list[str]:
     return words
 
 
+def _is_setting(words: list[str], lead: str | None) -> bool:
+    """A run that places the subject in a setting ("on a grey wall"): the background, not a layer."""
+    return bool(words) and words[-1] in SETTING_NOUNS and lead in _PLACE_LEADS
+
+
 def _is_object(words: list[str]) -> bool:
     if not words:
         return False
@@ -255,9 +272,9 @@ def extract_phrases(caption: str) -> list[str]:
     ``["red star", "blue square"]``; stop-listed heads (background, photo, ...) are dropped.
     """
     phrases: list[str] = []
-    for run in _chunks(caption or ""):
+    for run, lead in _led_chunks(caption or ""):
         words = _clean(run)
-        if not _is_object(words):
+        if not _is_object(words) or _is_setting(words, lead):
             continue
         phrase = " ".join(words)
         if phrase not in phrases:
@@ -271,18 +288,23 @@ def phrase_leads(caption: str) -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for run, lead in _led_chunks(caption or ""):
         words = _clean(run)
-        if _is_object(words):
+        if _is_object(words) and not _is_setting(words, lead):
             out.setdefault(" ".join(words), lead)
     return out
 
 
 def background_phrase(caption: str) -> str:
-    """The phrase that describes the background ("striped green background"), or ""."""
-    for run in _chunks(caption or ""):
+    """The phrase that describes the background: a "... background" or "... backdrop" phrase
+    ("striped green background"), else the setting the subject is placed in ("on a grey wall"
+    -> "gray wall"), else ""."""
+    setting = ""
+    for run, lead in _led_chunks(caption or ""):
         words = _clean(run)
         if words and words[-1] in ("background", "backdrop"):
             return " ".join(words)
-    return ""
+        if not setting and _is_setting(words, lead):
+            setting = " ".join(words)
+    return setting
 
 
 def detector_prompt(phrases: Iterable[str]) -> str:

@@ -33,18 +33,11 @@ import cv2
 import numpy as np
 
 from datagen.item import MATTE, Detection, Item
-from datagen.phrases import PALETTE, colour_of, nearest_colour, phrase_leads, with_article
+from datagen.phrases import PALETTE, SETTING_NOUNS, colour_of, nearest_colour, phrase_leads, with_article
 from datagen.registry import register
 from datagen.stages.base import StageContext, file_sha256
 from datagen.stages.classical import ContrastGround, ContrastParams, _box, caption_confirms, drop_unnamed
 
-# Head nouns of settings, not objects: a region is never named after one.
-SETTING_NOUNS = frozenset("""
-    floor ground table desk counter countertop shelf sky grass lawn field meadow road street
-    pavement sidewalk wall water sea ocean lake river beach sand snow room garage kitchen yard
-    garden park forest mountain hill city space pad stage runway track court carpet rug tablecloth
-    surface landscape horizon cloud clouds
-""".split())
 # Words that introduce the subject's own parts or contents, not other things ("a cup of coffee").
 _SAME_THING = frozenset({"of", "with", "and", "or", "wears", "wear", "holds", "hold", "carries", "carry"})
 

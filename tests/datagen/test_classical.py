@@ -99,7 +99,8 @@ def test_caption_stage(decomposed) -> None:
     stage.run_items([bare, titled])
     assert bare.caption == "an image" and bare.quality["caption_source"] == "fallback"
     assert bare.background_caption == "the background"
-    assert titled.caption == "Two dogs on a beach" and titled.phrases == ["dog", "beach"]
+    assert titled.caption == "Two dogs on a beach" and titled.phrases == ["dog"]
+    assert titled.background_caption == "a beach"
     assert titled.quality["caption_source"] == "meta:title"
 
 

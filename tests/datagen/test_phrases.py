@@ -25,7 +25,8 @@ from datagen.phrases import (
     ("a cat sitting on a couch next to a dog", ["cat", "couch", "dog"]),
     ("a close up of a cat on a couch", ["cat", "couch"]),  # "close up" is not an object
     ("a photo of a group of people riding horses", ["person", "horse"]),
-    ("A motorcycle parked on the street.", ["motorcycle", "street"]),
+    ("A motorcycle parked on the street.", ["motorcycle"]),  # the street is its setting
+    ("a clock on a grey wall", ["clock"]),
     ("a grey teddy bear in front of a building", ["gray teddy bear", "building"]),
     ("an image of a background", []),
     ("", []),
@@ -60,6 +61,8 @@ def test_colours() -> None:
 def test_background_phrase_and_captions() -> None:
     assert background_phrase("a red star on a striped green background") == "striped green background"
     assert background_phrase("a cat on a couch") == ""
+    assert background_phrase("a clock on a grey wall") == "gray wall"
+    assert background_phrase("A motorcycle parked on the street.") == "street"
     assert with_article("orange circle") == "an orange circle"
     assert with_article("red star") == "a red star"
     caption = join_caption(["red star", "blue square"], "striped green background")
