@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -217,8 +216,8 @@ class StageGroup:
     def run_items(self, items: list[Item], busy: Counter) -> None:
         for stage, obj, batch_size in self.stages:
             t0 = time.perf_counter()
-            for start in range(0, len(items), batch_size):
-                obj.run_items(items[start:start + batch_size])
+            for batch in batches(items, batch_size):
+                obj.run_items(batch)
             busy[stage] += time.perf_counter() - t0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -274,14 +273,25 @@ def run_local(cfg: PipelineConfig, items: list[Item], stats: StageStats | None =
     busy = stats.busy if stats is not None else Counter()
     bs = max(cfg.stages[s].batch_size for s in STAGES)
     # batches never mix shards: a fault fails one shard, and each shard is written as soon as it is done
-    for _, shard_items in groupby(items, key=lambda it: it.shard):
+    for n_shard, (_, shard_items) in enumerate(groupby(items, key=lambda it: it.shard)):
         chunk = list(shard_items)
-        for batch in (chunk[i:i + bs] for i in range(0, len(chunk), bs)):
+        for batch in batches(chunk, bs, first_one=n_shard == 0):
             try:
                 group.run_items(batch, busy)
             except StageFault as err:
                 raise PipelineError(str(err)) from err
             yield from batch
+
+
+def batches(seq: list, size: int, first_one: bool = False) -> Iterator[list]:
+    """``seq`` in batches of ``size``; with ``first_one`` the first batch is one item (the first
+    result then waits on one item, not on a batch)."""
+    start = 0
+    if first_one and seq:
+        yield seq[:1]
+        start = 1
+    for i in range(start, len(seq), size):
+        yield seq[i:i + size]
 
 
 def init_ray(cfg: PipelineConfig) -> bool:
@@ -312,10 +322,14 @@ def run_ray(cfg: PipelineConfig, items: list[Item], stats: StageStats | None = N
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver shows its own bar over items and shards
     ctx.verbose_stats_logs = False
-    block = max(1, min(cfg.stages[s].batch_size for s in STAGES))
-    ds = ray.data.from_items([{"record": it.to_bytes()} for it in items],
-                             override_num_blocks=max(1, math.ceil(len(items) / block)))
-    for group in stage_groups(cfg):
+    import pyarrow as pa
+
+    # One block per batch of the first pool, the first block of one item (as the loop does)
+    block = min(cfg.stages[s].batch_size for s in STAGES)
+    records = [it.to_bytes() for it in items]
+    ds = ray.data.from_arrow([pa.table({"record": pa.array(chunk, pa.binary())})
+                              for chunk in batches(records, block, first_one=True)])
+    for n_group, group in enumerate(stage_groups(cfg)):
         scs = [cfg.stages[s] for s in group]
         env = _runtime_env(group[0], scs[0])
         # Fused stages run one after the other in an actor: it needs the largest share, not the sum;
@@ -327,13 +341,16 @@ def run_ray(cfg: PipelineConfig, items: list[Item], stats: StageStats | None = N
             # Ray Data has no named parameter for bounded actor restarts yet (its default is unbounded)
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
             ds = ds.map_batches(StageGroup, fn_constructor_kwargs={"specs": group_specs(cfg, group)},
-                                compute=compute, batch_size=max(sc.batch_size for sc in scs),
+                                compute=compute,
+                                # the first pool takes the blocks above as its batches; a later pool
+                                # batches for its smallest stage (fused stages each chunk their own)
+                                batch_size=None if n_group == 0 else min(sc.batch_size for sc in scs),
                                 batch_format="numpy", num_cpus=max(sc.num_cpus for sc in scs),
                                 num_gpus=max(sc.num_gpus for sc in scs) or None, runtime_env=env or None,
                                 max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
     busy = stats.busy if stats is not None else Counter()
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
             for record, row in zip(batch["record"], batch["busy"], strict=True):
                 busy.update(json.loads(row))
                 yield Item.from_bytes(record)

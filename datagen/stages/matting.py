@@ -25,6 +25,7 @@ to a mask and keeps the matte's soft alpha inside it); inpainting fills where al
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ import numpy as np
 from datagen.item import MATTE, Detection, Item
 from datagen.phrases import PALETTE, SETTING_NOUNS, colour_of, nearest_colour, phrase_leads, with_article
 from datagen.registry import register
-from datagen.stages.base import StageContext, file_sha256
+from datagen.stages.base import StageContext, StageFault, file_sha256
 from datagen.stages.classical import ContrastGround, ContrastParams, _box, caption_confirms, drop_unnamed
 
 # Words that introduce the subject's own parts or contents, not other things ("a cup of coffee").
@@ -81,6 +82,9 @@ def _alpha_from_output(out: np.ndarray, activation: str) -> np.ndarray:
     lo, hi = float(out.min()), float(out.max())
     return (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
 
+# onnxruntime's words for an allocation that failed (CPU arena, CUDA, BFC arena)
+_ALLOC_FAILED = re.compile(r"allocat|out of memory|bad_alloc", re.IGNORECASE)
+
 
 class MatteModel:
     """An ONNX matting model on onnxruntime: uint8 RGB images -> float32 alphas in [0, 1]."""
@@ -90,6 +94,7 @@ class MatteModel:
                  input_size: int = 1024, activation: str = "none") -> None:
         import onnxruntime as ort
 
+        self.path = Path(path)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         so = ort.SessionOptions()
@@ -118,6 +123,18 @@ class MatteModel:
         x = cv2.resize(image, self.size, interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255.0
         return ((x - self.mean) / self.std).transpose(2, 0, 1)
 
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        """The graph on a prepared batch. Its input is always a valid tensor (``_prepare`` checks the
+        image), so a failure here is the system's (memory, device, a broken model file), never an
+        item's: out of memory as MemoryError (the batch is halved), anything else as StageFault."""
+        try:
+            return self.session.run([self.output_name], {self.input_name: x})[0]
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own exception types
+            message = f"matting model {self.path.name} failed on a batch of {len(x)}: {type(err).__name__}: {err}"
+            if _ALLOC_FAILED.search(str(err)):
+                raise MemoryError(message) from err
+            raise StageFault(message) from err
+
     def __call__(self, images: list[np.ndarray]) -> list[np.ndarray]:
         """One alpha (H, W) float32 in [0, 1] per image, at the image's own size."""
         out: list[np.ndarray] = []
@@ -125,7 +142,7 @@ class MatteModel:
         for start in range(0, len(images), step):
             chunk = images[start:start + step]
             x = np.stack([self._prepare(im) for im in chunk])
-            y = self.session.run([self.output_name], {self.input_name: x})[0]
+            y = self._run(x)
             for im, o in zip(chunk, y.reshape(len(chunk), -1, *y.shape[-2:]), strict=True):
                 a = _alpha_from_output(o[0], self.activation)
                 h, w = im.shape[:2]

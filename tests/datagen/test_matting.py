@@ -19,7 +19,7 @@ from datagen import isnet_weights
 from datagen.config import ConfigError, load_config, parse_config
 from datagen.item import MATTE, Detection, Item
 from datagen.registry import get_backend
-from datagen.stages.base import StageContext
+from datagen.stages.base import StageContext, StageFault
 from datagen.stages.matting import MatteGround, MatteModel, MatteParams, name_regions
 from datagen.stages.models.sam import matte_within
 from tests.datagen.tiny_onnx import write_bright_model
@@ -111,6 +111,34 @@ def test_frame_filling_and_empty_mattes_are_recorded_rejections(tiny_models: dic
     assert not empty.ok and "mostly background" in empty.rejected["reason"]
     speck = ground(tiny_models["free"], photo([(48, 48, 4, (240, 240, 240))]), "a star")
     assert not speck.ok and "mostly background" in speck.rejected["reason"]
+
+
+@pytest.mark.parametrize(("message", "halved"), [
+    ("Failed to allocate memory for requested buffer of size 4194304", True),
+    ("Non-zero status code returned while running Conv node", False)])
+def test_a_model_that_fails_to_run_fails_the_shard_not_the_item(
+        tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch, message: str, halved: bool) -> None:
+    """onnxruntime's own exceptions are not the item's problem: never a rejection."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
+
+    from datagen.stages import base
+
+    monkeypatch.setattr(base, "FAULT_BACKOFF_S", 0.0)
+    stage = MatteGround(MatteParams(model=str(tiny_models["free"]), classical_first=False),
+                        StageContext(image_size=SIZE, num_cpus=1))
+    sizes: list[int] = []
+
+    def failing_run(_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        sizes.append(len(next(iter(feeds.values()))))
+        raise RuntimeException(f"[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : {message}")
+
+    monkeypatch.setattr(stage.model.session, "run", failing_run)
+    items = [Item(key=f"k{i}", shard=7, index=i, uri="u", source={}, caption="a white plate",
+                  image=photo([(48, 48, 20, (250, 250, 250))], i)) for i in range(2)]
+    with pytest.raises(StageFault, match=r"shard 000007: stage ground .*matting model free.onnx failed"):
+        stage.run_items(items)
+    assert all(it.ok for it in items)  # nothing recorded as the items' fault
+    assert (1 in sizes) == halved and max(sizes) == 2
 
 
 def test_two_regions_are_named_by_colour_not_by_order(tiny_models: dict[str, Path]) -> None:
