@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -264,7 +265,7 @@ class StageStats:
     items: int = 0
 
 
-def run_local(cfg: PipelineConfig, items: list[Item], stats: StageStats | None = None) -> Iterator[Item]:
+def run_local(cfg: PipelineConfig, items: Iterable[Item], stats: StageStats | None = None) -> Iterator[Item]:
     """The plain in-process loop: every stage built once here, items in batches."""
     try:
         group = StageGroup.of(cfg, list(STAGES))
@@ -283,15 +284,14 @@ def run_local(cfg: PipelineConfig, items: list[Item], stats: StageStats | None =
             yield from batch
 
 
-def batches(seq: list, size: int, first_one: bool = False) -> Iterator[list]:
-    """``seq`` in batches of ``size``; with ``first_one`` the first batch is one item (the first
+def batches(items: Iterable[Any], size: int, first_one: bool = False) -> Iterator[list[Any]]:
+    """``items`` in lists of ``size``; with ``first_one`` the first list holds one item (the first
     result then waits on one item, not on a batch)."""
-    start = 0
-    if first_one and seq:
-        yield seq[:1]
-        start = 1
-    for i in range(start, len(seq), size):
-        yield seq[i:i + size]
+    it = iter(items)
+    if first_one and (head := list(islice(it, 1))):
+        yield head
+    while chunk := list(islice(it, size)):
+        yield chunk
 
 
 def init_ray(cfg: PipelineConfig) -> bool:
@@ -314,7 +314,7 @@ def init_ray(cfg: PipelineConfig) -> bool:
 ACTOR_RESTARTS = 3
 
 
-def run_ray(cfg: PipelineConfig, items: list[Item], stats: StageStats | None = None) -> Iterator[Item]:
+def run_ray(cfg: PipelineConfig, items: Iterable[Item], stats: StageStats | None = None) -> Iterator[Item]:
     """Ray Data streaming: one ``map_batches`` actor pool per stage group; results to the driver."""
     import ray
 
@@ -322,14 +322,13 @@ def run_ray(cfg: PipelineConfig, items: list[Item], stats: StageStats | None = N
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver shows its own bar over items and shards
     ctx.verbose_stats_logs = False
-    import pyarrow as pa
-
-    # One block per batch of the first pool, the first block of one item (as the loop does)
+    # Items are serialised as they are listed: the driver keeps ~0.3 KB per item, not the Items.
+    # One block per batch of the first pool: results stream out batch by batch.
+    records = [{"record": it.to_bytes()} for it in items]
     block = min(cfg.stages[s].batch_size for s in STAGES)
-    records = [it.to_bytes() for it in items]
-    ds = ray.data.from_arrow([pa.table({"record": pa.array(chunk, pa.binary())})
-                              for chunk in batches(records, block, first_one=True)])
-    for n_group, group in enumerate(stage_groups(cfg)):
+    ds = ray.data.from_items(records, override_num_blocks=max(1, math.ceil(len(records) / block)))
+    del records
+    for group in stage_groups(cfg):
         scs = [cfg.stages[s] for s in group]
         env = _runtime_env(group[0], scs[0])
         # Fused stages run one after the other in an actor: it needs the largest share, not the sum;
@@ -341,10 +340,9 @@ def run_ray(cfg: PipelineConfig, items: list[Item], stats: StageStats | None = N
             # Ray Data has no named parameter for bounded actor restarts yet (its default is unbounded)
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
             ds = ds.map_batches(StageGroup, fn_constructor_kwargs={"specs": group_specs(cfg, group)},
-                                compute=compute,
-                                # the first pool takes the blocks above as its batches; a later pool
-                                # batches for its smallest stage (fused stages each chunk their own)
-                                batch_size=None if n_group == 0 else min(sc.batch_size for sc in scs),
+                                # a pool batches for its smallest stage (fused stages each chunk
+                                # their own): a large batch would hold back the first results
+                                compute=compute, batch_size=min(sc.batch_size for sc in scs),
                                 batch_format="numpy", num_cpus=max(sc.num_cpus for sc in scs),
                                 num_gpus=max(sc.num_gpus for sc in scs) or None, runtime_env=env or None,
                                 max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
@@ -419,9 +417,9 @@ def run(cfg: PipelineConfig, engine: str = "auto", progress: bool = True, verify
         stats = stats if stats is not None else StageStats()
         pending = chain.from_iterable(chain(first, shards))
         if engine == "ray":
-            # Ray Data takes its input as a list: the rest of the run is listed now (still from
-            # where the done shards ended); the loop below lists a shard as it needs it
-            stream = run_ray(cfg, list(pending), stats)
+            # Ray Data takes its input whole: the rest of the run is listed now (still from where
+            # the done shards ended), kept as serialised items; the loop lists a shard as it needs it
+            stream = run_ray(cfg, pending, stats)
         else:
             stream = run_local(cfg, pending, stats)
         try:
