@@ -169,3 +169,22 @@ def test_ray_engine_reads_shards_from_the_planner(tmp_path: Path, ray_local):
         name = f"shards/{s:06d}.tar"
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
     assert validate_dataset(tmp_path / "ray").ok()
+
+
+def test_ray_engine_streams_a_long_run_in_windows(tmp_path: Path, ray_local, monkeypatch, opened):
+    """A window holds whole shards, the next is listed only when the last is done, and the
+    shards come out as the loop writes them."""
+    raw, pattern = _tars(tmp_path, 12, 4)
+    run(_config(tmp_path / "local", pattern, 3, 4), engine="local", progress=False)
+    monkeypatch.setattr(runner, "RAY_WINDOW_ITEMS", 5)  # whole shards: windows of 4 items
+    listed = []
+    real = runner._stages_dataset
+    monkeypatch.setattr(runner, "_stages_dataset", lambda cfg, records: listed.append(
+        (len(records), list(opened))) or real(cfg, records))
+    summary = run(_config(tmp_path / "ray", pattern, 3, 4), engine="ray", progress=False)
+    assert summary.shards_written == [0, 1, 2]
+    assert [n for n, _ in listed] == [4, 4, 4]
+    assert [names[-1] for _, names in listed] == ["00000.tar", "00001.tar", "00002.tar"]
+    for s in range(3):
+        name = f"shards/{s:06d}.tar"
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
