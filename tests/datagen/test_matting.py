@@ -141,6 +141,24 @@ def test_a_model_that_fails_to_run_fails_the_shard_not_the_item(
     assert (1 in sizes) == halved and max(sizes) == 2
 
 
+def test_soft_layer_colours_are_the_parameter_s(tiny_models: dict[str, Path]) -> None:
+    """Soft matte pixels get the configured foreground colours: ``ml`` (the default, pymatting's
+    estimate: no shards where a matte is wide) or ``nearest``; both lighter than the dark mix."""
+    image = photo([(48, 48, 26, (250, 250, 250))])
+    layers = {c: ground(tiny_models["free"], image, "a white disc", alpha_colours=c).detections[0]
+              for c in ("ml", "nearest")}
+    assert MatteParams().alpha_colours == "ml"
+    mask = layers["ml"].mask
+    np.testing.assert_array_equal(mask, layers["nearest"].mask)
+    soft = (mask > 20) & (mask < 200)
+    assert soft.sum() > 20
+    assert not np.array_equal(layers["ml"].pixels[soft], layers["nearest"].pixels[soft])
+    for det in layers.values():  # decontaminated: nearer the disc's white than the image's mix
+        assert det.pixels[soft].astype(float).mean() > image[soft].astype(float).mean() + 30
+    with pytest.raises(ValueError, match="alpha_colours"):
+        MatteParams(alpha_colours="median")
+
+
 def test_two_regions_are_named_by_colour_not_by_order(tiny_models: dict[str, Path]) -> None:
     # the blue disc is larger (named first by size), the caption names the red ball first
     image = photo([(24, 48, 14, (250, 90, 90)), (70, 48, 20, (150, 170, 255))])
