@@ -44,14 +44,19 @@ def limit_threads(num_cpus: float) -> int:
     """Pin torch, OpenCV and BLAS to the actor's CPU share (oversubscription is the usual slowdown).
 
     torch is configured only when the backend has imported it (call again after loading a
-    model); a classical stage never imports it. A torch imported later reads OMP_NUM_THREADS.
+    model); a classical stage never imports it. A torch or numba imported later reads the
+    environment.
     """
     threads = max(1, int(num_cpus))
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    # NUMBA_NUM_THREADS: pymatting's parallel kernels (soft alpha) would otherwise use every core
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(threads)
     import cv2
 
     cv2.setNumThreads(threads)
+    numba = sys.modules.get("numba")
+    if numba is not None:  # imported before: its pool size is fixed, the threads it uses are not
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     torch = sys.modules.get("torch")
     if torch is None:
         return threads
