@@ -538,6 +538,6 @@ def _write_as_completed(out: Path, stream: Iterable[Item], info: Callable[[int],
 
 
 def _reason_class(reason: str) -> str:
-    """Group reasons for the summary: drop numbers and quoted details."""
+    """Group reasons for the summary: numbers become N, a decoder's details are dropped."""
     head = reason.split(":", 1)[0] if reason.startswith(("not a readable image", "format")) else reason
-    return " ".join(w for w in head.split() if not any(c.isdigit() for c in w))[:80]
+    return re.sub(r"\d+(?:\.\d+)?", "N", " ".join(head.split()))[:80]

@@ -376,3 +376,12 @@ def test_real_cuda_out_of_memory_halves_the_batch():
     assert all(it.ok and it.caption == "done" for it in items)
     assert stage.sizes == [8, 4, 2, 2, 4, 2, 2]
     assert torch.cuda.memory_allocated() == 0
+
+
+def test_rejection_reasons_group_by_their_words_not_their_numbers() -> None:
+    from datagen.runner import _reason_class
+
+    a = _reason_class("matte: the object fills the frame (97% of the image > 85%)")
+    assert a == "matte: the object fills the frame (N% of the image > N%)"
+    assert _reason_class("matte: the object fills the frame (91.5% of the image > 85%)") == a
+    assert _reason_class("not a readable image: cannot identify image file '/x/123.jpg'") == "not a readable image"
