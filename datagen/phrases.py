@@ -10,7 +10,7 @@ striped green background") and for BLIP-style ones ("a cat sitting on a couch ne
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -251,6 +251,14 @@ def _is_setting(words: list[str], lead: str | None) -> bool:
     return bool(words) and words[-1] in SETTING_NOUNS and lead in _PLACE_LEADS
 
 
+def _object_runs(caption: str) -> Iterator[tuple[str, str | None]]:
+    """Each object phrase of the caption, in order, with the word that leads it in."""
+    for run, lead in _led_chunks(caption or ""):
+        words = _clean(run)
+        if _is_object(words) and not _is_setting(words, lead):
+            yield " ".join(words), lead
+
+
 def _is_object(words: list[str]) -> bool:
     if not words:
         return False
@@ -272,11 +280,7 @@ def extract_phrases(caption: str) -> list[str]:
     ``["red star", "blue square"]``; stop-listed heads (background, photo, ...) are dropped.
     """
     phrases: list[str] = []
-    for run, lead in _led_chunks(caption or ""):
-        words = _clean(run)
-        if not _is_object(words) or _is_setting(words, lead):
-            continue
-        phrase = " ".join(words)
+    for phrase, _lead in _object_runs(caption):
         if phrase not in phrases:
             phrases.append(phrase)
     return phrases
@@ -286,10 +290,8 @@ def phrase_leads(caption: str) -> dict[str, str | None]:
     """Each object phrase of :func:`extract_phrases` with the word that introduces it in the
     caption ("a cup on a saucer" -> {"cup": None, "saucer": "on"}): its relation to the subject."""
     out: dict[str, str | None] = {}
-    for run, lead in _led_chunks(caption or ""):
-        words = _clean(run)
-        if _is_object(words) and not _is_setting(words, lead):
-            out.setdefault(" ".join(words), lead)
+    for phrase, lead in _object_runs(caption):
+        out.setdefault(phrase, lead)
     return out
 
 

@@ -33,7 +33,7 @@ from datagen.config import ConfigError, PipelineConfig, SourceConfig
 from datagen.item import Item
 from datagen.registry import STAGES, get_backend
 from datagen.sources import Position, SourceRef, iter_source_from
-from datagen.stages.base import Stage, StageContext, StageFault, limit_threads
+from datagen.stages.base import Stage, StageContext, StageFault, batches, limit_threads
 from datagen.writer import clean_temporaries, read_verified_manifest, shard_name, write_index, write_shard
 
 log = logging.getLogger("datagen")
@@ -284,16 +284,6 @@ def run_local(cfg: PipelineConfig, items: Iterable[Item], stats: StageStats | No
             except StageFault as err:
                 raise PipelineError(str(err)) from err
             yield from batch
-
-
-def batches(items: Iterable[Any], size: int, first_one: bool = False) -> Iterator[list[Any]]:
-    """``items`` in lists of ``size``; with ``first_one`` the first list holds one item (the first
-    result then waits on one item, not on a batch)."""
-    it = iter(items)
-    if first_one and (head := list(islice(it, 1))):
-        yield head
-    while chunk := list(islice(it, size)):
-        yield chunk
 
 
 def init_ray(cfg: PipelineConfig) -> bool:

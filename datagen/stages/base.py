@@ -15,7 +15,9 @@ import re
 import sys
 import time
 import traceback
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -63,6 +65,16 @@ def limit_threads(num_cpus: float) -> int:
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # random or tiny weights make denormals, 10x slower on CPU
     return threads
+
+
+def batches(items: Iterable[Any], size: int, first_one: bool = False) -> Iterator[list[Any]]:
+    """``items`` in lists of ``size``; with ``first_one`` the first list holds one item (the first
+    result then waits on one item, not on a batch)."""
+    it = iter(items)
+    if first_one and (head := list(islice(it, 1))):
+        yield head
+    while chunk := list(islice(it, size)):
+        yield chunk
 
 
 class Stage:

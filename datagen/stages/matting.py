@@ -33,11 +33,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from datagen.alpha import FG_METHODS
+from datagen.alpha import FG_METHODS, foreground_colours
 from datagen.item import MATTE, Detection, Item
 from datagen.phrases import PALETTE, SETTING_NOUNS, colour_of, nearest_colour, phrase_leads, with_article
 from datagen.registry import register
-from datagen.stages.base import StageContext, StageFault, file_sha256
+from datagen.stages.base import StageContext, StageFault, batches, file_sha256
 from datagen.stages.classical import ContrastGround, ContrastParams, _box, caption_confirms, drop_unnamed
 
 # Words that introduce the subject's own parts or contents, not other things ("a cup of coffee").
@@ -149,8 +149,7 @@ class MatteModel:
         """One alpha (H, W) float32 in [0, 1] per image, at the image's own size."""
         out: list[np.ndarray] = []
         step = self.batch or max(1, len(images))  # a fixed-batch graph (ISNet's is 1) runs in chunks
-        for start in range(0, len(images), step):
-            chunk = images[start:start + step]
+        for chunk in batches(images, step):
             x = np.stack([self._prepare(im) for im in chunk])
             y = self._run(x)
             for im, o in zip(chunk, y.reshape(len(chunk), -1, *y.shape[-2:]), strict=True):
@@ -317,8 +316,6 @@ class MatteGround(ContrastGround):
 
     def from_matte(self, item: Item, alpha: np.ndarray) -> tuple[list[Detection], str | None]:
         """Detections from one image's matte, or a rejection reason."""
-        from datagen.alpha import foreground_colours
-
         p: MatteParams = self.params
         image = item.image
         h, w = alpha.shape

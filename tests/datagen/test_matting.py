@@ -141,7 +141,7 @@ def test_a_model_that_fails_to_run_fails_the_shard_not_the_item(
     assert (1 in sizes) == halved and max(sizes) == 2
 
 
-def test_soft_layer_colours_are_the_parameter_s(tiny_models: dict[str, Path]) -> None:
+def test_soft_matte_colours_follow_alpha_colours(tiny_models: dict[str, Path]) -> None:
     """Soft matte pixels get the configured foreground colours: ``ml`` (the default, pymatting's
     estimate: no shards where a matte is wide) or ``nearest``; both lighter than the dark mix."""
     image = photo([(48, 48, 26, (250, 250, 250))])

@@ -24,7 +24,7 @@ import numpy as np
 
 from datagen.item import MATTE, Item
 from datagen.registry import register
-from datagen.stages.base import Segmenter, SoftAlphaParams, file_sha256
+from datagen.stages.base import Segmenter, SoftAlphaParams, batches, file_sha256
 
 # model_type -> the official release file (the tiny one is made by datagen.tiny_weights.sam)
 CHECKPOINT_FILES = {
@@ -225,8 +225,7 @@ class SamStage(Segmenter):
             elif self.params.reject_empty:
                 it.reject(self.stage, "no detections to segment")
         step = max(1, self.params.encoder_batch)
-        for start in range(0, len(todo), step):
-            chunk = todo[start : start + step]
+        for chunk in batches(todo, step):
             for it, (features, input_size) in zip(
                 chunk, self._encode([it.image for it in chunk]), strict=True
             ):
